@@ -1,0 +1,1 @@
+//! Volume drivers (arrive with the generic backup flow).

@@ -1,0 +1,452 @@
+//! The copy engine: source to destination through any two block devices.
+//!
+//! A reader thread walks the source's allocation map, keeps up to
+//! `queue_depth` reads in flight, and classifies each block it reads as zero
+//! or data (and hashes it when verifying). A writer thread turns that into
+//! writes, write-zeroes or nothing, keeping its own requests in flight. Both
+//! draw from one pool of `queue_depth` buffers of `block_size` bytes: that
+//! product bounds the memory whatever the volume size.
+
+mod blocks;
+mod plan;
+mod reader;
+mod throttle;
+mod writer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use volback_connectors::{AlignedBuf, BlockDevice, DeviceError, IoOp, Returned};
+
+pub use blocks::{analyze, is_zero, Run};
+pub use plan::{Planner, Step, GRID};
+
+/// What to do with ranges that read as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SparseMode {
+    /// Skip holes and zero blocks; zero them on the destination only if it
+    /// is not known to read as zero already.
+    #[default]
+    Auto,
+    /// As auto, and deallocate (punch or unmap) zero ranges on a destination
+    /// that is not known zero, so it ends up as thin as the source.
+    Always,
+    /// Read and write every byte (a fully allocated destination).
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub block_size: u64,
+    pub queue_depth: usize,
+    pub sparse: SparseMode,
+    /// Bytes per second read from the source (and from the destination when
+    /// verifying); None for no limit.
+    pub bwlimit: Option<u64>,
+    pub verify: bool,
+    /// The caller created the destination and knows it reads as zero.
+    pub destination_is_zero: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            sparse: SparseMode::Auto,
+            bwlimit: None,
+            verify: false,
+            destination_is_zero: false,
+        }
+    }
+}
+
+/// Defaults chosen by measurement on loop devices (see bench/copy.sh).
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+pub const DEFAULT_QUEUE_DEPTH: usize = 16;
+
+/// Holes shorter than this between data are read rather than skipped.
+const MIN_SKIPPED_HOLE: u64 = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("destination {destination} ({destination_size} bytes) is smaller than source {source_device} ({source_size} bytes)")]
+    DestinationTooSmall {
+        source_device: String,
+        source_size: u64,
+        destination: String,
+        destination_size: u64,
+    },
+    #[error(
+        "source {device} ended early: expected {expected} bytes at offset {offset}, got {got}"
+    )]
+    SourceShrank {
+        device: String,
+        offset: u64,
+        expected: u64,
+        got: u64,
+    },
+    #[error(
+        "verification failed: {destination} differs from {source_device}: first difference at offset {offset} \
+         (source checksum {source_digest:032x}, destination checksum {destination_digest:032x})"
+    )]
+    VerifyMismatch {
+        source_device: String,
+        destination: String,
+        offset: u64,
+        source_digest: u128,
+        destination_digest: u128,
+    },
+    #[error("invalid copy option: {0}")]
+    InvalidOption(String),
+    #[error("copy aborted: the {0} stopped")]
+    Aborted(&'static str),
+}
+
+/// Live counters, shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub read: AtomicU64,
+    pub written: AtomicU64,
+    pub zeroed: AtomicU64,
+    pub skipped: AtomicU64,
+    /// Bytes read back from the destination when verifying.
+    pub verified: AtomicU64,
+}
+
+impl Counters {
+    /// Bytes of the source that are fully handled on the destination.
+    pub fn done(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+            + self.zeroed.load(Ordering::Relaxed)
+            + self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Copy,
+    Verify,
+}
+
+/// A snapshot handed to the progress callback.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub phase: Phase,
+    pub total: u64,
+    pub done: u64,
+    pub read: u64,
+    pub written: u64,
+    pub zeroed: u64,
+    pub skipped: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyReport {
+    pub size: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub bytes_skipped: u64,
+    pub elapsed: Duration,
+    /// The destination was known to read as zero, so zero ranges were skipped.
+    pub destination_was_zero: bool,
+    /// Checksum of the source (and, verified equal, of the destination).
+    pub digest: Option<u128>,
+}
+
+impl CopyReport {
+    pub fn mb_per_s(&self) -> f64 {
+        self.size as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Work the reader hands to the writer.
+pub(crate) enum Work {
+    /// Data read at `offset`; `runs` classify its grid blocks.
+    Data {
+        offset: u64,
+        len: usize,
+        buf: AlignedBuf,
+        runs: Vec<Run>,
+    },
+    /// A range the source's map says reads as zero.
+    Hole { offset: u64, len: u64 },
+}
+
+/// A finished copy, with both devices handed back to the caller.
+pub struct Copied {
+    pub report: CopyReport,
+    pub source: Box<dyn BlockDevice>,
+    pub destination: Box<dyn BlockDevice>,
+}
+
+/// Copies `source` onto `destination` (the first `source.size()` bytes).
+pub fn copy(
+    source: Box<dyn BlockDevice>,
+    mut destination: Box<dyn BlockDevice>,
+    opts: &CopyOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Copied, CopyError> {
+    validate(opts)?;
+    let size = source.size();
+    if destination.size() < size {
+        return Err(CopyError::DestinationTooSmall {
+            source_device: source.name().to_string(),
+            source_size: size,
+            destination: destination.name().to_string(),
+            destination_size: destination.size(),
+        });
+    }
+    let start = Instant::now();
+    let destination_was_zero = opts.sparse != SparseMode::Never
+        && (opts.destination_is_zero || reads_as_zero(&mut *destination, size)?);
+    tracing::info!(
+        source = source.name(),
+        destination = destination.name(),
+        size,
+        destination_was_zero,
+        block_size = opts.block_size,
+        queue_depth = opts.queue_depth,
+        "copy starting"
+    );
+
+    let counters = Arc::new(Counters::default());
+    let (work_tx, work_rx) = mpsc::sync_channel::<Work>(opts.queue_depth * 2);
+    let (pool_tx, pool_rx) = mpsc::channel::<AlignedBuf>();
+    let reader_cfg = reader::ScanConfig::for_copy(opts, size);
+    let writer_cfg = writer::WriteConfig {
+        size,
+        block_size: opts.block_size,
+        destination_is_zero: destination_was_zero,
+        sparse: opts.sparse,
+    };
+    let (source, destination, digest) = std::thread::scope(|s| {
+        let wc = counters.clone();
+        let writer = s.spawn(move || writer::run(destination, work_rx, pool_tx, writer_cfg, &wc));
+        let rc = counters.clone();
+        let reader = s.spawn(move || {
+            let mut pool =
+                reader::Pool::new(reader_cfg.pool_size, reader_cfg.block_size, Some(pool_rx));
+            let mut source = source;
+            let r = reader::scan(&mut *source, &reader_cfg, &mut pool, &rc, &mut |w| {
+                work_tx.send(w).map_err(|_| CopyError::Aborted("writer"))?;
+                Ok(None)
+            });
+            (source, r)
+        });
+        watch(&counters, Phase::Copy, size, start, progress, || {
+            reader.is_finished() && writer.is_finished()
+        });
+        let (source, read_result) = reader.join().expect("reader thread panicked");
+        let write_result = writer.join().expect("writer thread panicked");
+        // The writer's error explains a reader that stopped because the writer
+        // went away, so it comes first.
+        let destination = write_result?;
+        let digest = read_result?;
+        Ok::<_, CopyError>((source, destination, digest))
+    })?;
+
+    let mut report = CopyReport {
+        size,
+        bytes_read: counters.read.load(Ordering::Relaxed),
+        bytes_written: counters.written.load(Ordering::Relaxed),
+        bytes_zeroed: counters.zeroed.load(Ordering::Relaxed),
+        bytes_skipped: counters.skipped.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        destination_was_zero,
+        digest,
+    };
+    let (mut source, mut destination) = (source, destination);
+    if opts.verify {
+        let source_digest = digest.expect("digest computed when verifying");
+        let dest_digest = checksum(&mut *destination, opts, size, &counters, start, progress)?;
+        if dest_digest != source_digest {
+            let offset = first_difference(&mut *source, &mut *destination, size, opts.block_size)?;
+            return Err(CopyError::VerifyMismatch {
+                source_device: source.name().to_string(),
+                destination: destination.name().to_string(),
+                offset: offset.unwrap_or(0),
+                source_digest,
+                destination_digest: dest_digest,
+            });
+        }
+        report.elapsed = start.elapsed();
+    }
+    tracing::info!(
+        bytes_read = report.bytes_read,
+        bytes_written = report.bytes_written,
+        bytes_zeroed = report.bytes_zeroed,
+        bytes_skipped = report.bytes_skipped,
+        elapsed_s = report.elapsed.as_secs_f64(),
+        "copy finished"
+    );
+    Ok(Copied {
+        report,
+        source,
+        destination,
+    })
+}
+
+fn validate(opts: &CopyOptions) -> Result<(), CopyError> {
+    if opts.block_size == 0 || opts.block_size % GRID != 0 || opts.block_size > (64 << 20) {
+        return Err(CopyError::InvalidOption(format!(
+            "block size {} must be a multiple of {GRID} bytes, at most 64 MiB",
+            opts.block_size
+        )));
+    }
+    if opts.queue_depth == 0 || opts.queue_depth > 1024 {
+        return Err(CopyError::InvalidOption(format!(
+            "queue depth {} must be 1 to 1024",
+            opts.queue_depth
+        )));
+    }
+    if opts.bwlimit == Some(0) {
+        return Err(CopyError::InvalidOption(
+            "bandwidth limit must be more than 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the first `size` bytes of the device are known to read as zero
+/// (its allocation map shows no data there).
+fn reads_as_zero(dev: &mut dyn BlockDevice, size: u64) -> Result<bool, DeviceError> {
+    let Some(map) = dev.allocation_map() else {
+        return Ok(false);
+    };
+    let mut pos = 0;
+    while pos < size {
+        let len = (1u64 << 30).min(size - pos);
+        if map.extents(pos, len)?.iter().any(|e| e.data) {
+            return Ok(false);
+        }
+        pos += len;
+    }
+    Ok(true)
+}
+
+/// Calls `progress` every 200 ms until `finished`, and once at the end.
+fn watch(
+    counters: &Counters,
+    phase: Phase,
+    total: u64,
+    start: Instant,
+    progress: &mut dyn FnMut(&Progress),
+    finished: impl Fn() -> bool,
+) {
+    let snapshot = || Progress {
+        phase,
+        total,
+        done: match phase {
+            Phase::Copy => counters.done(),
+            Phase::Verify => counters.verified.load(Ordering::Relaxed),
+        },
+        read: counters.read.load(Ordering::Relaxed),
+        written: counters.written.load(Ordering::Relaxed),
+        zeroed: counters.zeroed.load(Ordering::Relaxed),
+        skipped: counters.skipped.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+    };
+    let mut last = Instant::now();
+    while !finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        if last.elapsed() >= Duration::from_millis(200) {
+            progress(&snapshot());
+            last = Instant::now();
+        }
+    }
+    progress(&snapshot());
+}
+
+/// Reads the whole device and returns its checksum (see [`blocks::OrderedDigest`]).
+pub fn checksum(
+    dev: &mut dyn BlockDevice,
+    opts: &CopyOptions,
+    size: u64,
+    counters: &Counters,
+    start: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<u128, CopyError> {
+    let mut cfg = reader::ScanConfig::for_copy(opts, size);
+    cfg.hash = true;
+    cfg.counts_as_verify = true;
+    let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            // Nothing is written: every buffer goes straight back to the pool.
+            let digest = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
+                Ok(match w {
+                    Work::Data { buf, .. } => Some(buf),
+                    Work::Hole { .. } => None,
+                })
+            })?;
+            Ok::<_, CopyError>(digest.expect("hashing scan yields a digest"))
+        });
+        watch(counters, Phase::Verify, size, start, progress, || {
+            h.is_finished()
+        });
+        h.join().expect("checksum thread panicked")
+    })
+}
+
+/// The first offset where the two devices differ over `[0, size)`, read
+/// side by side (only run after a checksum mismatch).
+fn first_difference(
+    a: &mut dyn BlockDevice,
+    b: &mut dyn BlockDevice,
+    size: u64,
+    block_size: u64,
+) -> Result<Option<u64>, CopyError> {
+    let mut bufs = (
+        AlignedBuf::new(block_size as usize),
+        AlignedBuf::new(block_size as usize),
+    );
+    let mut pos = 0;
+    while pos < size {
+        let len = block_size.min(size - pos) as usize;
+        let (ba, bb) = (
+            read_sync(a, pos, len, bufs.0)?,
+            read_sync(b, pos, len, bufs.1)?,
+        );
+        if let Some(i) = ba.as_slice()[..len]
+            .iter()
+            .zip(&bb.as_slice()[..len])
+            .position(|(x, y)| x != y)
+        {
+            return Ok(Some(pos + i as u64));
+        }
+        bufs = (ba, bb);
+        pos += len as u64;
+    }
+    Ok(None)
+}
+
+fn read_sync(
+    dev: &mut dyn BlockDevice,
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+) -> Result<AlignedBuf, CopyError> {
+    dev.submit(0, IoOp::Read { offset, len, buf })?;
+    let mut out = Vec::new();
+    dev.reap(1, &mut out)?;
+    let c = out.pop().ok_or(CopyError::Aborted("device"))?;
+    let n = c.result?;
+    let Returned::Read(buf) = c.buf else {
+        unreachable!("a read returns its buffer")
+    };
+    if n < len as u64 {
+        return Err(CopyError::SourceShrank {
+            device: dev.name().to_string(),
+            offset,
+            expected: len as u64,
+            got: n,
+        });
+    }
+    Ok(buf)
+}
