@@ -1,1 +1,126 @@
-//! Volume drivers (arrive with the generic backup flow).
+//! Volume drivers: the Rust counterpart of Cinder's volume drivers.
+//!
+//! A driver manages volumes and snapshots on one backend and exports them
+//! as [`ConnectionInfo`] that a connector (in `volback-connectors`) turns
+//! into an attached block device. The engine never touches storage except
+//! through a driver and a connector.
+//!
+//! Identifiers are chosen by the caller, not the driver: the engine records
+//! every resource in its catalog *before* asking a driver to create it, so
+//! after a crash it can always find and remove it. Every delete and
+//! unexport is idempotent for the same reason.
+
+mod error;
+pub mod file;
+pub mod loopdev;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::{DriverError, DriverErrorKind};
+
+pub type Result<T> = std::result::Result<T, DriverError>;
+
+/// Free-form key/value metadata a driver keeps with a volume.
+pub type Metadata = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: String,
+    pub name: String,
+    pub pool: String,
+    pub size: u64,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub volume_id: String,
+    pub pool: String,
+    pub size: u64,
+}
+
+/// Says when two pools are the same storage, whatever they are called or
+/// however they are reached (for the rule that a backup never lands in the
+/// pool it protects). Opaque: compare for equality only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PoolIdentity(pub String);
+
+impl std::fmt::Display for PoolIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub identity: PoolIdentity,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// What to export: a volume, or a snapshot (always read-only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExportTarget {
+    Volume(String),
+    Snapshot(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportOptions {
+    /// Attach through a loop device rather than handing out the file.
+    pub loop_device: bool,
+    pub read_only: bool,
+}
+
+/// How to reach an exported volume: which connector and its properties
+/// (like os-brick's connection_info). Properties never hold secrets in
+/// clear; a secret is referenced (a key file path, a keyring name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// "local" for now; "iscsi" and "rbd" join later.
+    pub connector: String,
+    pub properties: BTreeMap<String, String>,
+    pub read_only: bool,
+}
+
+/// A volume driver. Pool names are the ones configured for the backend.
+pub trait VolumeDriver: Send + Sync {
+    /// The driver's kind, as written in the configuration ("file").
+    fn kind(&self) -> &'static str;
+
+    /// Pools this backend serves, with capacity and identity.
+    fn pools(&self) -> Result<Vec<PoolInfo>>;
+
+    fn pool_identity(&self, pool: &str) -> Result<PoolIdentity>;
+
+    /// Creates an empty (reads as zero) volume with the caller's `id`.
+    fn create_volume(&self, pool: &str, id: &str, name: &str, size: u64, metadata: &Metadata) -> Result<VolumeInfo>;
+
+    /// Deletes a volume; deleting one that does not exist is not an error.
+    fn delete_volume(&self, pool: &str, id: &str) -> Result<()>;
+
+    fn get_volume(&self, pool: &str, id: &str) -> Result<VolumeInfo>;
+
+    fn list_volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>>;
+
+    /// A point-in-time copy of a volume, with the caller's `snapshot_id`.
+    fn create_snapshot(&self, pool: &str, volume_id: &str, snapshot_id: &str) -> Result<SnapshotInfo>;
+
+    /// Deletes a snapshot; one that does not exist is not an error.
+    fn delete_snapshot(&self, pool: &str, snapshot_id: &str) -> Result<()>;
+
+    fn create_volume_from_snapshot(&self, pool: &str, snapshot_id: &str, id: &str, name: &str) -> Result<VolumeInfo>;
+
+    /// Makes a volume or snapshot attachable and says how.
+    fn export(&self, pool: &str, target: &ExportTarget, opts: ExportOptions) -> Result<ConnectionInfo>;
+
+    /// Ends every export of the target; ending none is not an error.
+    fn unexport(&self, pool: &str, target: &ExportTarget) -> Result<()>;
+
+    /// Whether something outside volback's current operation uses the volume.
+    fn in_use(&self, pool: &str, id: &str) -> Result<bool>;
+}

@@ -59,3 +59,21 @@ pub fn open_destination(
         }
     }
 }
+
+/// Attaches what a driver exported, through the connector it names.
+pub fn attach(
+    conn: &volback_drivers::ConnectionInfo,
+    writable: bool,
+    queue_depth: usize,
+) -> Result<Box<dyn BlockDevice>, DeviceError> {
+    match conn.connector.as_str() {
+        "local" => {
+            let path = conn.properties.get("path").ok_or_else(|| {
+                DeviceError::invalid("local connector", "connection info has no 'path' property")
+            })?;
+            let opts = LocalOptions { writable: writable && !conn.read_only, direct: DirectIo::Auto, queue_depth };
+            Ok(Box::new(LocalDevice::open(Path::new(path), &opts)?))
+        }
+        other => Err(DeviceError::invalid(other, format!("no connector named '{other}' (known: local)"))),
+    }
+}

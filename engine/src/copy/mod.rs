@@ -45,6 +45,9 @@ pub struct CopyOptions {
     /// verifying); None for no limit.
     pub bwlimit: Option<u64>,
     pub verify: bool,
+    /// Compute the source's checksum while copying (implied by `verify`,
+    /// which also reads the destination back).
+    pub checksum: bool,
     /// The caller created the destination and knows it reads as zero.
     pub destination_is_zero: bool,
 }
@@ -57,6 +60,7 @@ impl Default for CopyOptions {
             sparse: SparseMode::Auto,
             bwlimit: None,
             verify: false,
+            checksum: false,
             destination_is_zero: false,
         }
     }
@@ -263,7 +267,7 @@ pub fn copy(
     };
     let (mut source, mut destination) = (source, destination);
     if opts.verify {
-        let source_digest = digest.expect("digest computed when verifying");
+        let source_digest = digest.ok_or(CopyError::Aborted("checksum"))?;
         let dest_digest = checksum(&mut *destination, opts, size, &counters, start, progress)?;
         if dest_digest != source_digest {
             let offset = first_difference(&mut *source, &mut *destination, size, opts.block_size)?;

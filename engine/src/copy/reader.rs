@@ -34,7 +34,7 @@ impl ScanConfig {
             pool_size: opts.queue_depth,
             use_map: sparse,
             detect_zero: sparse,
-            hash: opts.verify,
+            hash: opts.verify || opts.checksum,
             bwlimit: opts.bwlimit,
             counts_as_verify: false,
         }

@@ -1,0 +1,922 @@
+//! Shared helpers for volback's integration tests.
+//!
+//! The tests drive the built `volback` binary on real files and loop devices,
+//! so they run as root. Everything that needs cleaning up is a guard:
+//! [`Scratch`] removes its directory and [`LoopDevice`] detaches its device on
+//! drop, also while a failing test unwinds. [`with_scratch`] runs a test body
+//! and then checks that no loop device still refers to its scratch directory.
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+
+/// Where scratch directories go: a disk filesystem (ext4 here), so O_DIRECT,
+/// SEEK_DATA/SEEK_HOLE and loop devices with direct I/O all work. /tmp may be
+/// a tmpfs elsewhere.
+pub const SCRATCH_ROOT: &str = "/var/tmp";
+
+/// Chunk size for generating and comparing data.
+const CHUNK: usize = MIB as usize;
+
+// ---------------------------------------------------------------------------
+// The binary under test
+// ---------------------------------------------------------------------------
+
+/// The built `volback` binary.
+///
+/// Integration tests of this package cannot use `CARGO_BIN_EXE_volback` for
+/// another package's binary, so it is found next to the test executable:
+/// `target/<profile>/deps/<test>-<hash>` -> `target/<profile>/volback`.
+/// `VOLBACK_BIN` overrides the lookup.
+pub fn volback_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VOLBACK_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(bin.is_file(), "VOLBACK_BIN={} is not a file", bin.display());
+        return bin;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a parent directory")
+        .to_path_buf();
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir.pop();
+    }
+    let bin = dir.join("volback");
+    assert!(
+        bin.is_file(),
+        "volback binary not found at {}: build it first: cargo build -p volback-engine \
+         (with the same profile as the tests, e.g. --release for cargo test --release)",
+        bin.display()
+    );
+    bin
+}
+
+/// Panics unless running as root (loop devices need it).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests attach loop devices and must run as root (euid is {euid})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Scratch directories
+// ---------------------------------------------------------------------------
+
+/// A temporary directory under [`SCRATCH_ROOT`] named `volback-test-*`,
+/// removed (with its contents) on drop.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("volback-test-")
+            .tempdir_in(SCRATCH_ROOT)
+            .unwrap_or_else(|e| panic!("creating a scratch directory in {SCRATCH_ROOT}: {e}"));
+        Scratch { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path inside the scratch directory (not created).
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+/// Tests of one test binary run in parallel threads. Timing tests take this
+/// lock exclusively so that they don't measure the other tests' I/O; every
+/// other test holds it shared.
+static QUIET: RwLock<()> = RwLock::new(());
+
+/// Runs a test body with a fresh scratch directory, then, once the body has
+/// returned and so dropped its guards, asserts that no loop device is left
+/// referring to a file in that directory. A panicking body still detaches
+/// its devices (the guards drop while unwinding); the check is then skipped.
+pub fn with_scratch<F: FnOnce(&Scratch)>(body: F) {
+    let _shared = QUIET.read().unwrap_or_else(PoisonError::into_inner);
+    scratch_body(body);
+}
+
+/// [`with_scratch`] for timing tests: waits until no other test of this
+/// binary runs, flushes their dirty data, and keeps them out meanwhile.
+pub fn with_quiet_scratch<F: FnOnce(&Scratch)>(body: F) {
+    let _exclusive = QUIET.write().unwrap_or_else(PoisonError::into_inner);
+    sync_filesystems();
+    scratch_body(body);
+}
+
+/// Flushes every filesystem's dirty data (`sync`), so that a timed run
+/// doesn't pay for earlier writeback.
+pub fn sync_filesystems() {
+    // SAFETY: sync has no preconditions and cannot fail.
+    unsafe { libc::sync() };
+}
+
+fn scratch_body<F: FnOnce(&Scratch)>(body: F) {
+    require_root();
+    let scratch = Scratch::new();
+    body(&scratch);
+    assert_no_loop_devices(scratch.path());
+}
+
+// ---------------------------------------------------------------------------
+// Loop devices
+// ---------------------------------------------------------------------------
+
+/// An attached loop device, detached on drop.
+#[derive(Debug)]
+pub struct LoopDevice {
+    dev: PathBuf,
+    backing: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `path` to a free loop device (`losetup --find --show`), with
+    /// direct I/O on the backing file if `direct_io`. Retries a few times:
+    /// parallel tests race for free devices.
+    pub fn attach(path: impl AsRef<Path>, direct_io: bool) -> LoopDevice {
+        let path = path.as_ref();
+        let mut last = String::new();
+        for attempt in 0..5u64 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(50 * attempt));
+            }
+            let mut cmd = Command::new("losetup");
+            cmd.arg("--find").arg("--show");
+            if direct_io {
+                cmd.arg("--direct-io=on");
+            }
+            cmd.arg(path);
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("running losetup (is util-linux installed?): {e}"));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let dev = stdout.trim();
+            if out.status.success() && dev.starts_with("/dev/") {
+                return LoopDevice {
+                    dev: PathBuf::from(dev),
+                    backing: path.to_path_buf(),
+                };
+            }
+            last = format!(
+                "{}\nstdout: {}\nstderr: {}",
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!(
+            "losetup --find --show{} {} failed: {last}",
+            if direct_io { " --direct-io=on" } else { "" },
+            path.display()
+        );
+    }
+
+    /// The device node, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &Path {
+        &self.dev
+    }
+
+    /// The backing file.
+    pub fn backing_file(&self) -> &Path {
+        &self.backing
+    }
+
+    /// Size of the device in bytes.
+    pub fn size(&self) -> u64 {
+        file_size(&self.dev)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let mut last = String::new();
+        for attempt in 0..10u64 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(20 * attempt));
+            }
+            match Command::new("losetup").arg("-d").arg(&self.dev).output() {
+                Ok(out) if out.status.success() => return,
+                Ok(out) => {
+                    last = format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+                    // Busy (udev probing it, say): worth retrying. Anything
+                    // else (already gone) won't get better.
+                    if !last.to_ascii_lowercase().contains("busy") {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    break;
+                }
+            }
+        }
+        eprintln!(
+            "warning: could not detach loop device {} (backing {}): {}",
+            self.dev.display(),
+            self.backing.display(),
+            last.trim()
+        );
+    }
+}
+
+/// `losetup -a` lines that mention a file under `dir`.
+pub fn loop_devices_referencing(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .unwrap_or_else(|e| panic!("running losetup -a: {e}"));
+    assert!(
+        out.status.success(),
+        "losetup -a failed: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let needle = dir.to_string_lossy().into_owned();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(needle.as_str()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts that no loop device refers to a file under `dir`. A device whose
+/// detach was deferred (the kernel auto-clears it once the last opener, such
+/// as udev's probe, closes it) gets a couple of seconds to go away.
+pub fn assert_no_loop_devices(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = loop_devices_referencing(dir);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "loop devices left behind for {}:\n{}",
+                dir.display(),
+                left.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Data generation
+// ---------------------------------------------------------------------------
+
+/// SplitMix64: a tiny seeded PRNG, plenty for test data.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Fills `buf` with the next bytes of the stream. Consecutive calls give
+    /// one continuous stream as long as every call but the last fills a
+    /// multiple of 8 bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut words = buf.chunks_exact_mut(8);
+        for word in &mut words {
+            word.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = words.into_remainder();
+        if !rest.is_empty() {
+            let last = self.next_u64().to_le_bytes();
+            rest.copy_from_slice(&last[..rest.len()]);
+        }
+    }
+}
+
+/// `len` pseudo-random bytes from `seed`.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    SplitMix64::new(seed).fill(&mut buf);
+    buf
+}
+
+/// Writes `len` pseudo-random bytes from `seed` at `offset` of `file`.
+pub fn write_pattern(file: &File, offset: u64, len: u64, seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    let mut buf = vec![0u8; CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        file.write_all_at(&buf[..n], offset + done)
+            .unwrap_or_else(|e| panic!("writing {n} bytes at {}: {e}", offset + done));
+        done += n as u64;
+    }
+}
+
+/// Writes `len` copies of `byte` at `offset` of `file`. With `byte == 0`
+/// these are explicitly written (allocated) zeroes, not a hole.
+pub fn write_bytes(file: &File, offset: u64, len: u64, byte: u8) {
+    let buf = vec![byte; CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.write_all_at(&buf[..n], offset + done)
+            .unwrap_or_else(|e| panic!("writing {n} bytes at {}: {e}", offset + done));
+        done += n as u64;
+    }
+}
+
+/// What a [`Region`] is filled with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Pseudo-random bytes from this seed (no zero blocks in practice).
+    Random(u64),
+    /// This byte everywhere; `Byte(0)` is explicitly written zeroes.
+    Byte(u8),
+}
+
+/// A range of a test file written with known content. Ranges not covered by
+/// any region are holes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub offset: u64,
+    pub len: u64,
+    pub fill: Fill,
+}
+
+impl Region {
+    pub fn random(offset: u64, len: u64, seed: u64) -> Region {
+        Region {
+            offset,
+            len,
+            fill: Fill::Random(seed),
+        }
+    }
+
+    /// Explicitly written zeroes (allocated, unlike a hole).
+    pub fn zeros(offset: u64, len: u64) -> Region {
+        Region {
+            offset,
+            len,
+            fill: Fill::Byte(0),
+        }
+    }
+
+    pub fn byte(offset: u64, len: u64, byte: u8) -> Region {
+        Region {
+            offset,
+            len,
+            fill: Fill::Byte(byte),
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Creates (or truncates) `path` as a sparse file of `size` bytes, writes the
+/// regions in order and syncs it, so that allocation maps and direct I/O see
+/// the data.
+pub fn create_file(path: impl AsRef<Path>, size: u64, regions: &[Region]) {
+    let path = path.as_ref();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    file.set_len(size)
+        .unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
+    for region in regions {
+        assert!(
+            region.end() <= size,
+            "region {region:?} goes past the end of {} ({size} bytes)",
+            path.display()
+        );
+        match region.fill {
+            Fill::Random(seed) => write_pattern(&file, region.offset, region.len, seed),
+            Fill::Byte(byte) => write_bytes(&file, region.offset, region.len, byte),
+        }
+    }
+    file.sync_all()
+        .unwrap_or_else(|e| panic!("syncing {}: {e}", path.display()));
+}
+
+/// A fully written file of pseudo-random bytes.
+pub fn create_random_file(path: impl AsRef<Path>, size: u64, seed: u64) {
+    create_file(path, size, &[Region::random(0, size, seed)]);
+}
+
+/// A fully written file with `byte` everywhere.
+pub fn create_filled_file(path: impl AsRef<Path>, size: u64, byte: u8) {
+    create_file(path, size, &[Region::byte(0, size, byte)]);
+}
+
+/// An empty sparse file of `size` bytes (all hole).
+pub fn create_sparse_file(path: impl AsRef<Path>, size: u64) {
+    create_file(path, size, &[]);
+}
+
+/// Bytes of [`Fill::Random`] data in `regions` (assumes they don't overlap).
+pub fn random_data_bytes(regions: &[Region]) -> u64 {
+    regions
+        .iter()
+        .filter(|r| matches!(r.fill, Fill::Random(_)))
+        .map(|r| r.len)
+        .sum()
+}
+
+/// Copies a file (or device) byte for byte into a new regular file, e.g. to
+/// keep the original content of a destination.
+pub fn snapshot(from: impl AsRef<Path>, to: impl AsRef<Path>) {
+    let (from, to) = (from.as_ref(), to.as_ref());
+    let mut src = File::open(from).unwrap_or_else(|e| panic!("opening {}: {e}", from.display()));
+    let mut dst = File::create(to).unwrap_or_else(|e| panic!("creating {}: {e}", to.display()));
+    std::io::copy(&mut src, &mut dst)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
+}
+
+// ---------------------------------------------------------------------------
+// Inspecting files and devices
+// ---------------------------------------------------------------------------
+
+fn open_read(path: &Path) -> File {
+    File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+}
+
+/// Size in bytes of a regular file or a block device.
+pub fn file_size(path: impl AsRef<Path>) -> u64 {
+    let path = path.as_ref();
+    open_read(path)
+        .seek(SeekFrom::End(0))
+        .unwrap_or_else(|e| panic!("seeking to the end of {}: {e}", path.display()))
+}
+
+/// Bytes actually allocated to a file (`st_blocks * 512`).
+pub fn allocated_bytes(path: impl AsRef<Path>) -> u64 {
+    let path = path.as_ref();
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .blocks()
+        * 512
+}
+
+/// The data extents of a regular file, by SEEK_DATA / SEEK_HOLE.
+pub fn data_extents(path: impl AsRef<Path>) -> Vec<Range<u64>> {
+    let path = path.as_ref();
+    let file = open_read(path);
+    let size = file.metadata().expect("fstat").len();
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence: libc::c_int| -> Option<u64> {
+        // SAFETY: lseek on an fd we own; no memory is touched.
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return None;
+            }
+            panic!("lseek({}, {pos}, {whence}): {err}", path.display());
+        }
+        Some(r as u64)
+    };
+    let mut extents = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let Some(start) = seek(pos, libc::SEEK_DATA) else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(size);
+        extents.push(start..end);
+        pos = end;
+    }
+    extents
+}
+
+/// Whether any data extent of `path` overlaps `range`.
+pub fn has_data_in(path: impl AsRef<Path>, range: Range<u64>) -> bool {
+    data_extents(path)
+        .iter()
+        .any(|e| e.start < range.end && range.start < e.end)
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// The first offset in `range` where `a` and `b` differ, reading both with
+/// std::fs in 1 MiB chunks. If one of them ends inside the range, the offset
+/// where it ends counts as a difference.
+pub fn first_difference_in(
+    a: impl AsRef<Path>,
+    b: impl AsRef<Path>,
+    range: Range<u64>,
+) -> Option<u64> {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let (mut fa, mut fb) = (open_read(a), open_read(b));
+    fa.seek(SeekFrom::Start(range.start))
+        .unwrap_or_else(|e| panic!("seeking {}: {e}", a.display()));
+    fb.seek(SeekFrom::Start(range.start))
+        .unwrap_or_else(|e| panic!("seeking {}: {e}", b.display()));
+    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut pos = range.start;
+    while pos < range.end {
+        let want = (range.end - pos).min(CHUNK as u64) as usize;
+        let na = read_full(&mut fa, &mut ba[..want])
+            .unwrap_or_else(|e| panic!("reading {} at {pos}: {e}", a.display()));
+        let nb = read_full(&mut fb, &mut bb[..want])
+            .unwrap_or_else(|e| panic!("reading {} at {pos}: {e}", b.display()));
+        let n = na.min(nb);
+        if ba[..n] != bb[..n] {
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .expect("slices differ");
+            return Some(pos + i as u64);
+        }
+        if n < want {
+            return Some(pos + n as u64);
+        }
+        pos += want as u64;
+    }
+    None
+}
+
+/// The first offset below `len` where `a` and `b` differ.
+pub fn first_difference(a: impl AsRef<Path>, b: impl AsRef<Path>, len: u64) -> Option<u64> {
+    first_difference_in(a, b, 0..len)
+}
+
+/// Whether the first `len` bytes of `a` and `b` are equal.
+pub fn files_equal(a: impl AsRef<Path>, b: impl AsRef<Path>, len: u64) -> bool {
+    first_difference(a, b, len).is_none()
+}
+
+/// Up to `len` bytes of `path` at `offset` (fewer at end of file).
+pub fn read_at(path: impl AsRef<Path>, offset: u64, len: usize) -> Vec<u8> {
+    let path = path.as_ref();
+    let mut file = open_read(path);
+    file.seek(SeekFrom::Start(offset))
+        .unwrap_or_else(|e| panic!("seeking {}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    let n = read_full(&mut file, &mut buf)
+        .unwrap_or_else(|e| panic!("reading {} at {offset}: {e}", path.display()));
+    buf.truncate(n);
+    buf
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 3);
+    for b in bytes {
+        let _ = write!(s, "{b:02x} ");
+    }
+    s.trim_end().to_owned()
+}
+
+/// Asserts that `range` of `actual` equals the same range of `expected`,
+/// showing the first difference and the bytes around it otherwise.
+pub fn assert_same_in(expected: impl AsRef<Path>, actual: impl AsRef<Path>, range: Range<u64>) {
+    let (expected, actual) = (expected.as_ref(), actual.as_ref());
+    if let Some(at) = first_difference_in(expected, actual, range.clone()) {
+        let from = at.saturating_sub(8).max(range.start);
+        panic!(
+            "{} differs from {} in bytes {range:?}: first difference at offset {at} \
+             ({at:#x}, {} MiB + {})\n  expected from {from}: {}\n  actual   from {from}: {}",
+            actual.display(),
+            expected.display(),
+            at / MIB,
+            at % MIB,
+            hex(&read_at(expected, from, 24)),
+            hex(&read_at(actual, from, 24)),
+        );
+    }
+}
+
+/// Asserts that the first `len` bytes of `actual` equal those of `expected`.
+pub fn assert_same(expected: impl AsRef<Path>, actual: impl AsRef<Path>, len: u64) {
+    assert_same_in(expected, actual, 0..len);
+}
+
+// ---------------------------------------------------------------------------
+// Running volback
+// ---------------------------------------------------------------------------
+
+/// A `volback` command with `args`, ready for extra environment.
+pub fn volback_command<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(volback_bin());
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `volback` with `args` and returns its output.
+pub fn run_volback<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(volback_command(args)).output
+}
+
+/// One finished run of a command.
+#[derive(Debug)]
+pub struct Run {
+    /// The command line, for messages.
+    pub command: String,
+    pub output: Output,
+    pub stdout: String,
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn status(&self) -> ExitStatus {
+        self.output.status
+    }
+
+    pub fn success(&self) -> bool {
+        self.output.status.success()
+    }
+
+    /// The command, exit status and full output, for panic messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "command: {}\nstatus: {} (after {:.3} s)\n--- stdout ---\n{}\n--- stderr ---\n{}\n--------------",
+            self.command,
+            self.output.status,
+            self.elapsed.as_secs_f64(),
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+
+    /// Panics (showing everything) unless the command succeeded.
+    pub fn assert_success(self) -> Run {
+        assert!(self.success(), "expected success\n{}", self.describe());
+        self
+    }
+
+    /// Panics unless the command failed cleanly: a non-zero exit code, not a
+    /// signal, not a Rust panic.
+    pub fn assert_failure(self) -> Run {
+        assert!(!self.success(), "expected failure\n{}", self.describe());
+        assert!(
+            self.output.status.code().is_some(),
+            "expected a clean failure, got killed by a signal\n{}",
+            self.describe()
+        );
+        assert!(
+            !self.stderr.contains("panicked at"),
+            "expected a clean error, got a panic\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Stdout parsed as JSON lines; see [`json_lines`].
+    pub fn json_lines(&self) -> Vec<Value> {
+        json_lines(&self.stdout).unwrap_or_else(|e| panic!("{e}\n{}", self.describe()))
+    }
+
+    /// The final `"event":"summary"` object of `--progress json` output.
+    pub fn summary(&self) -> Value {
+        let lines = self.json_lines();
+        let Some(last) = lines.last() else {
+            panic!("no JSON lines on stdout\n{}", self.describe());
+        };
+        assert_eq!(
+            last.get("event").and_then(Value::as_str),
+            Some("summary"),
+            "last stdout line is not the summary\n{}",
+            self.describe()
+        );
+        last.clone()
+    }
+}
+
+/// Quotes an argument for display if it needs it.
+fn shell_word(s: &OsStr) -> String {
+    let s = s.to_string_lossy();
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs `cmd` to completion, capturing its output and wall time.
+pub fn run(mut cmd: Command) -> Run {
+    let mut command = String::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            let _ = write!(command, "{}={} ", shell_word(key), shell_word(value));
+        }
+    }
+    command.push_str(&shell_word(cmd.get_program()));
+    for arg in cmd.get_args() {
+        command.push(' ');
+        command.push_str(&shell_word(arg));
+    }
+    let start = Instant::now();
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {command}: {e}"));
+    let elapsed = start.elapsed();
+    Run {
+        command,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        output,
+        elapsed,
+    }
+}
+
+/// Runs `volback` with `args` and asserts it succeeded.
+pub fn volback_ok<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(volback_command(args)).assert_success()
+}
+
+/// Runs `volback` with `args` and asserts it failed cleanly.
+pub fn volback_err<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(volback_command(args)).assert_failure()
+}
+
+/// Parses every non-empty line of `stdout` as a JSON object.
+pub fn json_lines(stdout: &str) -> Result<Vec<Value>, String> {
+    stdout
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| match serde_json::from_str::<Value>(line) {
+            Ok(v) if v.is_object() => Ok(v),
+            Ok(_) => Err(format!(
+                "stdout line {} is JSON but not an object: {line}",
+                i + 1
+            )),
+            Err(e) => Err(format!("stdout line {} is not JSON ({e}): {line}", i + 1)),
+        })
+        .collect()
+}
+
+/// `object[field]` as a u64; panics naming the field otherwise.
+pub fn json_u64(object: &Value, field: &str) -> u64 {
+    match object.get(field) {
+        Some(v) => v
+            .as_u64()
+            .unwrap_or_else(|| panic!("field {field:?} is not an unsigned integer in {object}")),
+        None => panic!("field {field:?} missing from {object}"),
+    }
+}
+
+/// `object[field]` as an f64; panics naming the field otherwise.
+pub fn json_f64(object: &Value, field: &str) -> f64 {
+    match object.get(field) {
+        Some(v) => v
+            .as_f64()
+            .unwrap_or_else(|| panic!("field {field:?} is not a number in {object}")),
+        None => panic!("field {field:?} missing from {object}"),
+    }
+}
+
+/// A path as an argument string (test paths are always UTF-8).
+pub fn arg(path: impl AsRef<Path>) -> String {
+    path.as_ref()
+        .to_str()
+        .expect("test paths are UTF-8")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_stream_is_continuous_across_fills() {
+        let whole = random_bytes(100, 7);
+        let mut rng = SplitMix64::new(7);
+        let mut parts = vec![0u8; 100];
+        rng.fill(&mut parts[..64]);
+        rng.fill(&mut parts[64..]);
+        assert_eq!(whole, parts);
+        assert_ne!(random_bytes(100, 8), whole);
+    }
+
+    #[test]
+    fn compare_finds_first_difference_and_short_files() {
+        let scratch = Scratch::new();
+        let (a, b) = (scratch.join("a"), scratch.join("b"));
+        create_random_file(&a, 3 * MIB + 5, 1);
+        create_random_file(&b, 3 * MIB + 5, 1);
+        assert!(files_equal(&a, &b, 3 * MIB + 5));
+        let f = OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&[read_at(&a, 2 * MIB + 3, 1)[0] ^ 1], 2 * MIB + 3)
+            .unwrap();
+        assert_eq!(first_difference(&a, &b, 3 * MIB + 5), Some(2 * MIB + 3));
+        assert_eq!(first_difference(&a, &b, 2 * MIB + 3), None);
+        f.set_len(MIB).unwrap();
+        assert_eq!(first_difference(&a, &b, 3 * MIB), Some(MIB));
+    }
+
+    #[test]
+    fn loop_device_guard_detaches_even_on_panic() {
+        require_root();
+        let scratch = Scratch::new();
+        let img = scratch.join("img");
+        create_random_file(&img, 4 * MIB, 3);
+        {
+            let dev = LoopDevice::attach(&img, true);
+            assert_eq!(dev.size(), 4 * MIB);
+            assert!(files_equal(&img, dev.path(), 4 * MIB));
+            assert_eq!(loop_devices_referencing(scratch.path()).len(), 1);
+        }
+        assert_no_loop_devices(scratch.path());
+
+        let result = std::panic::catch_unwind(|| {
+            let _dev = LoopDevice::attach(&img, false);
+            panic!("test body fails");
+        });
+        assert!(result.is_err());
+        assert_no_loop_devices(scratch.path());
+    }
+
+    #[test]
+    fn sparse_files_have_holes() {
+        let scratch = Scratch::new();
+        let path = scratch.join("sparse");
+        create_file(
+            &path,
+            64 * MIB,
+            &[
+                Region::random(0, 64 * KIB, 1),
+                Region::zeros(64 * KIB, 4 * KIB),
+                Region::random(32 * MIB, 4 * KIB, 2),
+            ],
+        );
+        assert_eq!(file_size(&path), 64 * MIB);
+        assert!(allocated_bytes(&path) < MIB);
+        let extents = data_extents(&path);
+        assert_eq!(extents.first().map(|e| e.start), Some(0));
+        assert!(has_data_in(&path, 32 * MIB..32 * MIB + 1));
+        assert!(!has_data_in(&path, MIB..32 * MIB));
+    }
+}
