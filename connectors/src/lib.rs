@@ -10,6 +10,7 @@ mod buffer;
 mod device;
 mod error;
 pub mod local;
+pub mod loopinfo;
 
 pub use buffer::AlignedBuf;
 pub use device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};

@@ -550,11 +550,7 @@ impl AllocationMap for FileMap {
 /// are not mistaken for holes; the backing file is matched by device and
 /// inode number so a renamed or replaced path is never trusted.
 fn loop_backing_map(fd: &OwnedFd, meta: &std::fs::Metadata, name: &str) -> Option<FileMap> {
-    let mut info = LoopInfo64::default();
-    // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) } != 0 {
-        return None;
-    }
+    let info = crate::loopinfo::loop_status(fd).ok()??;
     let rdev = meta.rdev();
     let sys = format!(
         "/sys/dev/block/{}:{}/loop/backing_file",
@@ -592,25 +588,6 @@ pub fn create_sparse_file(path: &Path, size: u64) -> Result<(), DeviceError> {
         .map_err(|e| DeviceError::new(ErrorKind::Write, name, e))
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [[u8; 32]; 2],
-    lo_crypt_name: [[u8; 32]; 2],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 

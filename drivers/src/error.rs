@@ -27,17 +27,39 @@ pub struct DriverError {
 }
 
 impl DriverError {
-    pub fn new(kind: DriverErrorKind, backend: impl Into<String>, object: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { kind, backend: backend.into(), object: object.into(), message: message.into(), source: None }
+    pub fn new(
+        kind: DriverErrorKind,
+        backend: impl Into<String>,
+        object: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            backend: backend.into(),
+            object: object.into(),
+            message: message.into(),
+            source: None,
+        }
     }
 
-    pub fn io(backend: impl Into<String>, object: impl Into<String>, message: impl Into<String>, e: std::io::Error) -> Self {
+    pub fn io(
+        backend: impl Into<String>,
+        object: impl Into<String>,
+        message: impl Into<String>,
+        e: std::io::Error,
+    ) -> Self {
         let kind = match e.kind() {
             std::io::ErrorKind::NotFound => DriverErrorKind::NotFound,
             std::io::ErrorKind::AlreadyExists => DriverErrorKind::AlreadyExists,
             _ => DriverErrorKind::Io,
         };
-        Self { kind, backend: backend.into(), object: object.into(), message: message.into(), source: Some(e) }
+        Self {
+            kind,
+            backend: backend.into(),
+            object: object.into(),
+            message: message.into(),
+            source: Some(e),
+        }
     }
 }
 

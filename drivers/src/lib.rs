@@ -98,7 +98,14 @@ pub trait VolumeDriver: Send + Sync {
     fn pool_identity(&self, pool: &str) -> Result<PoolIdentity>;
 
     /// Creates an empty (reads as zero) volume with the caller's `id`.
-    fn create_volume(&self, pool: &str, id: &str, name: &str, size: u64, metadata: &Metadata) -> Result<VolumeInfo>;
+    fn create_volume(
+        &self,
+        pool: &str,
+        id: &str,
+        name: &str,
+        size: u64,
+        metadata: &Metadata,
+    ) -> Result<VolumeInfo>;
 
     /// Deletes a volume; deleting one that does not exist is not an error.
     fn delete_volume(&self, pool: &str, id: &str) -> Result<()>;
@@ -108,15 +115,31 @@ pub trait VolumeDriver: Send + Sync {
     fn list_volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>>;
 
     /// A point-in-time copy of a volume, with the caller's `snapshot_id`.
-    fn create_snapshot(&self, pool: &str, volume_id: &str, snapshot_id: &str) -> Result<SnapshotInfo>;
+    fn create_snapshot(
+        &self,
+        pool: &str,
+        volume_id: &str,
+        snapshot_id: &str,
+    ) -> Result<SnapshotInfo>;
 
     /// Deletes a snapshot; one that does not exist is not an error.
     fn delete_snapshot(&self, pool: &str, snapshot_id: &str) -> Result<()>;
 
-    fn create_volume_from_snapshot(&self, pool: &str, snapshot_id: &str, id: &str, name: &str) -> Result<VolumeInfo>;
+    fn create_volume_from_snapshot(
+        &self,
+        pool: &str,
+        snapshot_id: &str,
+        id: &str,
+        name: &str,
+    ) -> Result<VolumeInfo>;
 
     /// Makes a volume or snapshot attachable and says how.
-    fn export(&self, pool: &str, target: &ExportTarget, opts: ExportOptions) -> Result<ConnectionInfo>;
+    fn export(
+        &self,
+        pool: &str,
+        target: &ExportTarget,
+        opts: ExportOptions,
+    ) -> Result<ConnectionInfo>;
 
     /// Ends every export of the target; ending none is not an error.
     fn unexport(&self, pool: &str, target: &ExportTarget) -> Result<()>;

@@ -20,6 +20,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use volback_connectors::loopinfo::{
+    loop_status, LoopInfo64, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
+};
 
 use tracing::{debug, warn};
 
@@ -30,13 +33,8 @@ mod tests;
 
 // ioctls and flags from <linux/loop.h>.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_DIRECT_IO: u32 = 16;
-const LO_NAME_SIZE: usize = 64;
 
 /// How often attach retries when another process grabs the free device
 /// between LOOP_CTL_GET_FREE and LOOP_CONFIGURE.
@@ -50,25 +48,6 @@ const DETACH_ATTEMPTS: u32 = 10;
 /// milliseconds. A device still bound after this is held for real (mounted).
 const DETACH_SETTLE: Duration = Duration::from_secs(5);
 
-/// `struct loop_info64`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; LO_NAME_SIZE],
-    lo_crypt_name: [u8; LO_NAME_SIZE],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
 /// `struct loop_config`, the argument of LOOP_CONFIGURE (Linux 5.8+).
 #[repr(C)]
 struct LoopConfig {
@@ -76,14 +55,6 @@ struct LoopConfig {
     block_size: u32,
     info: LoopInfo64,
     reserved: [u64; 8],
-}
-
-impl LoopInfo64 {
-    fn zeroed() -> Self {
-        // SAFETY: a plain C struct of integers and byte arrays; all zeroes is
-        // its documented "nothing set" value.
-        unsafe { std::mem::zeroed() }
-    }
 }
 
 /// What LOOP_GET_STATUS64 says about a bound loop device.
@@ -433,18 +404,7 @@ fn configure_error(e: io::Error, dev: &Path, file: &Path) -> io::Error {
 }
 
 fn status_of(fd: &OwnedFd) -> io::Result<Option<LoopStatus>> {
-    let mut info = LoopInfo64::zeroed();
-    // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64 we own.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) } != 0 {
-        let e = io::Error::last_os_error();
-        // ENXIO: the device exists but is not bound to a file.
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Some(LoopStatus {
+    Ok(loop_status(fd)?.map(|info| LoopStatus {
         backing_dev: info.lo_device,
         backing_ino: info.lo_inode,
         read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,

@@ -18,9 +18,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("catalog {path}: {source}")]
-    Sql { path: String, source: rusqlite::Error },
+    Sql {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("catalog {path}: cannot create its directory: {source}")]
-    Dir { path: String, source: std::io::Error },
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no backup with id {0}")]
     NoSuchBackup(String),
     #[error("catalog {path}: corrupt row: {message}")]
@@ -211,23 +217,39 @@ CREATE TABLE IF NOT EXISTS resources (
 ";
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self> {
         let name = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| CatalogError::Dir { path: name.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| CatalogError::Dir {
+                path: name.clone(),
+                source,
+            })?;
         }
-        let sql = |source| CatalogError::Sql { path: name.clone(), source };
+        let sql = |source| CatalogError::Sql {
+            path: name.clone(),
+            source,
+        };
         let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
-        Ok(Self { conn, path: path.to_path_buf() })
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -235,7 +257,10 @@ impl Catalog {
     }
 
     fn sql(&self, source: rusqlite::Error) -> CatalogError {
-        CatalogError::Sql { path: self.path.display().to_string(), source }
+        CatalogError::Sql {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 
     // --- volumes -------------------------------------------------------
@@ -268,11 +293,14 @@ impl Catalog {
             .prepare("SELECT id, backend, pool, name, size, created_at FROM volumes ORDER BY created_at, id")
             .map_err(|e| self.sql(e))?;
         let rows = st.query_map([], volume_from_row).map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.sql(e))
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql(e))
     }
 
     pub fn delete_volume(&self, id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM volumes WHERE id = ?1", [id]).map_err(|e| self.sql(e))?;
+        self.conn
+            .execute("DELETE FROM volumes WHERE id = ?1", [id])
+            .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
@@ -315,15 +343,22 @@ impl Catalog {
     pub fn get_backup(&self, id: &str) -> Result<BackupRecord> {
         let row = self
             .conn
-            .query_row(&format!("{BACKUP_SELECT} WHERE id = ?1"), [id], backup_from_row)
+            .query_row(
+                &format!("{BACKUP_SELECT} WHERE id = ?1"),
+                [id],
+                backup_from_row,
+            )
             .optional()
             .map_err(|e| self.sql(e))?;
-        row.ok_or_else(|| CatalogError::NoSuchBackup(id.to_string()))?.map_err(|message| self.corrupt(message))
+        row.ok_or_else(|| CatalogError::NoSuchBackup(id.to_string()))?
+            .map_err(|message| self.corrupt(message))
     }
 
     pub fn list_backups(&self) -> Result<Vec<BackupRecord>> {
-        let mut st =
-            self.conn.prepare(&format!("{BACKUP_SELECT} ORDER BY created_at, id")).map_err(|e| self.sql(e))?;
+        let mut st = self
+            .conn
+            .prepare(&format!("{BACKUP_SELECT} ORDER BY created_at, id"))
+            .map_err(|e| self.sql(e))?;
         let rows = st.query_map([], backup_from_row).map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for r in rows {
@@ -332,10 +367,18 @@ impl Catalog {
         Ok(out)
     }
 
-    pub fn set_backup_state(&self, id: &str, state: BackupState, error: Option<&str>) -> Result<()> {
+    pub fn set_backup_state(
+        &self,
+        id: &str,
+        state: BackupState,
+        error: Option<&str>,
+    ) -> Result<()> {
         let n = self
             .conn
-            .execute("UPDATE backups SET state = ?2, error = ?3 WHERE id = ?1", params![id, state.as_str(), error])
+            .execute(
+                "UPDATE backups SET state = ?2, error = ?3 WHERE id = ?1",
+                params![id, state.as_str(), error],
+            )
             .map_err(|e| self.sql(e))?;
         if n == 0 {
             return Err(CatalogError::NoSuchBackup(id.to_string()));
@@ -368,7 +411,10 @@ impl Catalog {
         bytes_written: u64,
     ) -> Result<()> {
         let path = self.path.display().to_string();
-        let sql = |source| CatalogError::Sql { path: path.clone(), source };
+        let sql = |source| CatalogError::Sql {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
             "UPDATE backups SET state = 'available', checksum = ?2, bytes_read = ?3, bytes_written = ?4,
@@ -376,12 +422,15 @@ impl Catalog {
             params![id, checksum, bytes_read as i64, bytes_written as i64, now() as i64],
         )
         .map_err(sql)?;
-        tx.execute("DELETE FROM operations WHERE id = ?1", [operation_id]).map_err(sql)?;
+        tx.execute("DELETE FROM operations WHERE id = ?1", [operation_id])
+            .map_err(sql)?;
         tx.commit().map_err(sql)
     }
 
     pub fn delete_backup(&self, id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM backups WHERE id = ?1", [id]).map_err(|e| self.sql(e))?;
+        self.conn
+            .execute("DELETE FROM backups WHERE id = ?1", [id])
+            .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
@@ -407,13 +456,18 @@ impl Catalog {
     }
 
     pub fn end_operation(&self, operation_id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM operations WHERE id = ?1", [operation_id]).map_err(|e| self.sql(e))?;
+        self.conn
+            .execute("DELETE FROM operations WHERE id = ?1", [operation_id])
+            .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
     pub fn set_operation_progress(&self, operation_id: &str, bytes_done: u64) -> Result<()> {
         self.conn
-            .execute("UPDATE operations SET bytes_done = ?2 WHERE id = ?1", params![operation_id, bytes_done as i64])
+            .execute(
+                "UPDATE operations SET bytes_done = ?2 WHERE id = ?1",
+                params![operation_id, bytes_done as i64],
+            )
             .map_err(|e| self.sql(e))?;
         Ok(())
     }
@@ -440,7 +494,10 @@ impl Catalog {
 
     pub fn set_resource_state(&self, resource_id: i64, state: &str) -> Result<()> {
         self.conn
-            .execute("UPDATE resources SET state = ?2 WHERE id = ?1", params![resource_id, state])
+            .execute(
+                "UPDATE resources SET state = ?2 WHERE id = ?1",
+                params![resource_id, state],
+            )
             .map_err(|e| self.sql(e))?;
         Ok(())
     }
@@ -457,14 +514,30 @@ impl Catalog {
             .map_err(|e| self.sql(e))?;
         let rows = st
             .query_map([operation_id], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for r in rows {
-            let (id, kind, backend, pool, object_id, keep_on_success) = r.map_err(|e| self.sql(e))?;
-            let kind = ResourceKind::parse(&kind).ok_or_else(|| self.corrupt(format!("resource kind '{kind}'")))?;
-            out.push(Resource { id, kind, backend, pool, object_id, keep_on_success });
+            let (id, kind, backend, pool, object_id, keep_on_success) =
+                r.map_err(|e| self.sql(e))?;
+            let kind = ResourceKind::parse(&kind)
+                .ok_or_else(|| self.corrupt(format!("resource kind '{kind}'")))?;
+            out.push(Resource {
+                id,
+                kind,
+                backend,
+                pool,
+                object_id,
+                keep_on_success,
+            });
         }
         Ok(out)
     }
@@ -486,11 +559,15 @@ impl Catalog {
                 })
             })
             .map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.sql(e))
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql(e))
     }
 
     fn corrupt(&self, message: String) -> CatalogError {
-        CatalogError::Corrupt { path: self.path.display().to_string(), message }
+        CatalogError::Corrupt {
+            path: self.path.display().to_string(),
+            message,
+        }
     }
 }
 
@@ -510,7 +587,9 @@ type RowResult<T> = rusqlite::Result<std::result::Result<T, String>>;
 fn backup_from_row(r: &rusqlite::Row<'_>) -> RowResult<BackupRecord> {
     let state: String = r.get(1)?;
     let meta: String = r.get(7)?;
-    let Some(state) = BackupState::parse(&state) else { return Ok(Err(format!("backup state '{state}'"))) };
+    let Some(state) = BackupState::parse(&state) else {
+        return Ok(Err(format!("backup state '{state}'")));
+    };
     let volume_metadata = match serde_json::from_str(&meta) {
         Ok(m) => m,
         Err(e) => return Ok(Err(format!("backup metadata: {e}"))),
@@ -596,31 +675,57 @@ mod tests {
         let path = dir.path().join("cat.db");
         let op_id;
         {
-            let mut c = Catalog::open(&path).unwrap();
+            let c = Catalog::open(&path).unwrap();
             c.insert_backup(&sample("b1")).unwrap();
             let op = c.begin_operation("backup", Some("b1")).unwrap();
             assert!(!op.is_orphaned(), "our own process is alive");
-            let r = c.plan_resource(&op.id, ResourceKind::Snapshot, "primary", "gold", "s1", false).unwrap();
+            let r = c
+                .plan_resource(
+                    &op.id,
+                    ResourceKind::Snapshot,
+                    "primary",
+                    "gold",
+                    "s1",
+                    false,
+                )
+                .unwrap();
             c.set_resource_state(r, "created").unwrap();
-            c.plan_resource(&op.id, ResourceKind::Volume, "backup", "vault", "t1", true).unwrap();
+            c.plan_resource(&op.id, ResourceKind::Volume, "backup", "vault", "t1", true)
+                .unwrap();
             op_id = op.id.clone();
-            assert!(c.transition_backup("b1", BackupState::Creating, BackupState::Creating).unwrap());
-            assert!(!c.transition_backup("b1", BackupState::Available, BackupState::Deleting).unwrap());
+            assert!(c
+                .transition_backup("b1", BackupState::Creating, BackupState::Creating)
+                .unwrap());
+            assert!(!c
+                .transition_backup("b1", BackupState::Available, BackupState::Deleting)
+                .unwrap());
             // Still unfinished when the handle goes away.
             drop(c);
             let mut c = Catalog::open(&path).unwrap();
             let live = c.live_resources(&op_id).unwrap();
-            assert_eq!(live.iter().map(|r| r.object_id.as_str()).collect::<Vec<_>>(), ["t1", "s1"]);
-            c.complete_backup("b1", &op_id, "xxh3-128:00", 10, 20).unwrap();
+            assert_eq!(
+                live.iter()
+                    .map(|r| r.object_id.as_str())
+                    .collect::<Vec<_>>(),
+                ["t1", "s1"]
+            );
+            c.complete_backup("b1", &op_id, "xxh3-128:00", 10, 20)
+                .unwrap();
             let b = c.get_backup("b1").unwrap();
             assert_eq!(b.state, BackupState::Available);
             assert_eq!((b.bytes_read, b.bytes_written), (10, 20));
             assert_eq!(b.volume_metadata.get("k").map(String::as_str), Some("v"));
             assert!(c.operations().unwrap().is_empty());
-            assert!(c.live_resources(&op_id).unwrap().is_empty(), "resources go with their operation");
+            assert!(
+                c.live_resources(&op_id).unwrap().is_empty(),
+                "resources go with their operation"
+            );
         }
         let c = Catalog::open(&path).unwrap();
-        assert!(matches!(c.get_backup("nope"), Err(CatalogError::NoSuchBackup(_))));
+        assert!(matches!(
+            c.get_backup("nope"),
+            Err(CatalogError::NoSuchBackup(_))
+        ));
         assert_eq!(c.list_backups().unwrap().len(), 1);
     }
 

@@ -16,7 +16,10 @@ pub enum DemoError {
     #[error("demo: {0}")]
     Step(String),
     #[error("demo: {what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 fn step(msg: impl std::fmt::Display) {
@@ -24,7 +27,10 @@ fn step(msg: impl std::fmt::Display) {
 }
 
 fn sh(what: &str, cmd: &mut Command) -> Result<String, DemoError> {
-    let out = cmd.output().map_err(|source| DemoError::Io { what: what.into(), source })?;
+    let out = cmd.output().map_err(|source| DemoError::Io {
+        what: what.into(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(DemoError::Step(format!(
             "{what} failed ({}): {}",
@@ -64,7 +70,9 @@ impl Drop for Scratch {
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() && !p.is_symlink() {
@@ -98,13 +106,26 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
         let what = what.to_string();
         move |source| DemoError::Io { what, source }
     };
-    let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/var/tmp/volback-demo-{}", std::process::id())));
+    let dir = dir
+        .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/volback-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir).map_err(io("creating the scratch directory"))?;
-    let dir = dir.canonicalize().map_err(io("resolving the scratch directory"))?;
-    let mut scratch = Scratch { dir: dir.clone(), keep, mounts: Vec::new() };
+    let dir = dir
+        .canonicalize()
+        .map_err(io("resolving the scratch directory"))?;
+    let mut scratch = Scratch {
+        dir: dir.clone(),
+        keep,
+        mounts: Vec::new(),
+    };
 
     step(format!("setting up two file pools under {}", dir.display()));
-    for p in ["primary/gold", "primary/silver", "backup/vault", "mnt/source", "mnt/restored"] {
+    for p in [
+        "primary/gold",
+        "primary/silver",
+        "backup/vault",
+        "mnt/source",
+        "mnt/restored",
+    ] {
         std::fs::create_dir_all(dir.join(p)).map_err(io("creating pool directories"))?;
     }
     let config_path = dir.join("volback.yaml");
@@ -119,12 +140,21 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
     let mut svc = Service::new(loaded).map_err(|e| DemoError::Step(e.to_string()))?;
     let err = |e: crate::service::ServiceError| DemoError::Step(e.to_string());
 
-    step(format!("creating a {} volume on primary:gold with an ext4 filesystem", human(size)));
-    let gold = PoolRef { backend: "primary".into(), pool: "gold".into() };
+    step(format!(
+        "creating a {} volume on primary:gold with an ext4 filesystem",
+        human(size)
+    ));
+    let gold = PoolRef {
+        backend: "primary".into(),
+        pool: "gold".into(),
+    };
     let vol = svc.create_volume(&gold, "demo-data", size).map_err(err)?;
     let (_, conn) = svc.attach_volume(&vol.id).map_err(err)?;
     let dev = conn.properties.get("path").cloned().unwrap_or_default();
-    sh("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F", &dev]))?;
+    sh(
+        "mkfs.ext4",
+        Command::new("mkfs.ext4").args(["-q", "-F", &dev]),
+    )?;
     let src_mnt = dir.join("mnt/source");
     sh("mount", Command::new("mount").arg(&dev).arg(&src_mnt))?;
     scratch.mounts.push(src_mnt.clone());
@@ -135,19 +165,37 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
         let name = sub.join(format!("file{i}.bin"));
         let len = 1000 + (i as usize * 37_337) % (3 << 20);
         std::fs::write(&name, pattern(i, len)).map_err(io("writing files"))?;
-        files.push(name.strip_prefix(&src_mnt).expect("under the mount").to_path_buf());
+        files.push(
+            name.strip_prefix(&src_mnt)
+                .expect("under the mount")
+                .to_path_buf(),
+        );
     }
-    std::fs::write(src_mnt.join("README.txt"), "volback demo: this filesystem was backed up and restored\n")
-        .map_err(io("writing files"))?;
+    std::fs::write(
+        src_mnt.join("README.txt"),
+        "volback demo: this filesystem was backed up and restored\n",
+    )
+    .map_err(io("writing files"))?;
     files.push(PathBuf::from("README.txt"));
     sh("umount", Command::new("umount").arg(&src_mnt))?;
     scratch.mounts.pop();
     svc.detach_volume(&vol.id).map_err(err)?;
-    println!("    wrote {} files; volume primary:gold/{}", files.len(), vol.id);
+    println!(
+        "    wrote {} files; volume primary:gold/{}",
+        files.len(),
+        vol.id
+    );
 
     step("backing the volume up to backup:vault (generic path: export, attach, copy, detach)");
     let backup = svc
-        .backup(&BackupRequest { volume: vol.id.clone(), target: None, snapshot: false }, &mut |_| {})
+        .backup(
+            &BackupRequest {
+                volume: vol.id.clone(),
+                target: None,
+                snapshot: false,
+            },
+            &mut |_| {},
+        )
         .map_err(err)?;
     println!(
         "    backup {} is {}: read {}, written {} of {} ({})",
@@ -160,9 +208,17 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
     );
 
     step("restoring the backup to a new volume on primary:silver, verified");
-    let silver = PoolRef { backend: "primary".into(), pool: "silver".into() };
-    let target = RestoreTarget::New { pool: Some(silver), name: Some("demo-restored".into()) };
-    let restored = svc.restore(&backup.id, &target, true, &mut |_| {}).map_err(err)?;
+    let silver = PoolRef {
+        backend: "primary".into(),
+        pool: "silver".into(),
+    };
+    let target = RestoreTarget::New {
+        pool: Some(silver),
+        name: Some("demo-restored".into()),
+    };
+    let restored = svc
+        .restore(&backup.id, &target, true, &mut |_| {})
+        .map_err(err)?;
     println!(
         "    restored to primary:silver/{} in {:.2} s (checksums match)",
         restored.volume.id,
@@ -172,10 +228,19 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
     step("checking the restored filesystem: fsck, then every file compared");
     let (_, conn) = svc.attach_volume(&restored.volume.id).map_err(err)?;
     let rdev = conn.properties.get("path").cloned().unwrap_or_default();
-    sh("fsck.ext4", Command::new("fsck.ext4").args(["-f", "-n", &rdev]))?;
+    sh(
+        "fsck.ext4",
+        Command::new("fsck.ext4").args(["-f", "-n", &rdev]),
+    )?;
     println!("    fsck.ext4 -f -n: clean");
     let dst_mnt = dir.join("mnt/restored");
-    sh("mount", Command::new("mount").args(["-o", "ro"]).arg(&rdev).arg(&dst_mnt))?;
+    sh(
+        "mount",
+        Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(&rdev)
+            .arg(&dst_mnt),
+    )?;
     scratch.mounts.push(dst_mnt.clone());
     for (i, f) in files.iter().enumerate() {
         let got = std::fs::read(dst_mnt.join(f)).map_err(io("reading a restored file"))?;
@@ -185,7 +250,10 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
             pattern(i as u64, 1000 + (i * 37_337) % (3 << 20))
         };
         if got != want {
-            return Err(DemoError::Step(format!("restored file {} differs from the original", f.display())));
+            return Err(DemoError::Step(format!(
+                "restored file {} differs from the original",
+                f.display()
+            )));
         }
     }
     println!("    all {} files identical", files.len());
@@ -195,7 +263,11 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
 
     step("done");
     if keep {
-        println!("    kept {} (config: {})", dir.display(), config_path.display());
+        println!(
+            "    kept {} (config: {})",
+            dir.display(),
+            config_path.display()
+        );
     } else {
         println!("    removed {}", dir.display());
     }

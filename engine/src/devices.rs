@@ -71,9 +71,16 @@ pub fn attach(
             let path = conn.properties.get("path").ok_or_else(|| {
                 DeviceError::invalid("local connector", "connection info has no 'path' property")
             })?;
-            let opts = LocalOptions { writable: writable && !conn.read_only, direct: DirectIo::Auto, queue_depth };
+            let opts = LocalOptions {
+                writable: writable && !conn.read_only,
+                direct: DirectIo::Auto,
+                queue_depth,
+            };
             Ok(Box::new(LocalDevice::open(Path::new(path), &opts)?))
         }
-        other => Err(DeviceError::invalid(other, format!("no connector named '{other}' (known: local)"))),
+        other => Err(DeviceError::invalid(
+            other,
+            format!("no connector named '{other}' (known: local)"),
+        )),
     }
 }

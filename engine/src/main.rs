@@ -16,10 +16,19 @@ use volback_engine::service::{BackupRequest, RestoreTarget, Service};
 use volback_engine::units::{human, parse_bytes};
 
 #[derive(Parser)]
-#[command(name = "volback", version, about = "Generic volume-to-volume backup engine")]
+#[command(
+    name = "volback",
+    version,
+    about = "Generic volume-to-volume backup engine"
+)]
 struct Cli {
     /// Configuration file (also VOLBACK_CONFIG).
-    #[arg(long, global = true, env = "VOLBACK_CONFIG", default_value = "/etc/volback/volback.yaml")]
+    #[arg(
+        long,
+        global = true,
+        env = "VOLBACK_CONFIG",
+        default_value = "/etc/volback/volback.yaml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -211,7 +220,9 @@ type CmdResult = Result<(), String>;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("VOLBACK_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_env("VOLBACK_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let _failpoints = fail::FailScenario::setup();
@@ -259,7 +270,10 @@ fn check_config(path: &std::path::Path, json: bool) -> CmdResult {
     let loaded = Config::load(path).map_err(|e| e.to_string())?;
     let mut pools = Vec::new();
     for (backend, names) in loaded.pools() {
-        let driver = loaded.registry.driver(&backend).map_err(|e| e.to_string())?;
+        let driver = loaded
+            .registry
+            .driver(&backend)
+            .map_err(|e| e.to_string())?;
         for p in driver.pools().map_err(|e| e.to_string())? {
             if names.contains(&p.name) {
                 let target = loaded.target_for(&backend).map_err(|e| e.to_string())?;
@@ -275,12 +289,20 @@ fn check_config(path: &std::path::Path, json: bool) -> CmdResult {
                    "capacity_bytes": p.capacity_bytes, "free_bytes": p.free_bytes, "backup_target": t.to_string()})
             })
             .collect();
-        println!("{}", json!({"valid": true, "catalog": loaded.catalog_path(), "pools": v}));
+        println!(
+            "{}",
+            json!({"valid": true, "catalog": loaded.catalog_path(), "pools": v})
+        );
     } else {
         println!("configuration {} is valid", path.display());
         for (b, p, t) in &pools {
+            let role = if t.backend == *b && t.pool == p.name {
+                "is the backup target".to_string()
+            } else {
+                format!("-> backups to {t}")
+            };
             println!(
-                "  {b}:{} ({}, {} free of {}) -> backups to {t}",
+                "  {b}:{} ({}, {} free of {}) {role}",
                 p.name,
                 p.identity,
                 human(p.free_bytes),
@@ -294,7 +316,12 @@ fn check_config(path: &std::path::Path, json: bool) -> CmdResult {
 fn volume(s: Service, cmd: VolumeCmd) -> CmdResult {
     let e = |e: volback_engine::service::ServiceError| e.to_string();
     match cmd {
-        VolumeCmd::Create { pool, size, name, json } => {
+        VolumeCmd::Create {
+            pool,
+            size,
+            name,
+            json,
+        } => {
             let v = s.create_volume(&pool, &name, size).map_err(e)?;
             if json {
                 println!("{}", json!({"backend": pool.backend, "volume": v}));
@@ -305,12 +332,21 @@ fn volume(s: Service, cmd: VolumeCmd) -> CmdResult {
         VolumeCmd::List { pool, json } => {
             let vols = s.list_volumes(pool.as_ref()).map_err(e)?;
             if json {
-                let v: Vec<_> = vols.iter().map(|(b, v)| json!({"backend": b, "volume": v})).collect();
+                let v: Vec<_> = vols
+                    .iter()
+                    .map(|(b, v)| json!({"backend": b, "volume": v}))
+                    .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!("{:<38} {:<22} {:>12}  NAME", "ID", "BACKEND:POOL", "SIZE");
                 for (b, v) in vols {
-                    println!("{:<38} {:<22} {:>12}  {}", v.id, format!("{b}:{}", v.pool), human(v.size), v.name);
+                    println!(
+                        "{:<38} {:<22} {:>12}  {}",
+                        v.id,
+                        format!("{b}:{}", v.pool),
+                        human(v.size),
+                        v.name
+                    );
                 }
             }
         }
@@ -322,7 +358,10 @@ fn volume(s: Service, cmd: VolumeCmd) -> CmdResult {
             let (loc, conn) = s.attach_volume(&volume).map_err(e)?;
             let path = conn.properties.get("path").cloned().unwrap_or_default();
             if json {
-                println!("{}", json!({"volume": loc.id, "connector": conn.connector, "path": path}));
+                println!(
+                    "{}",
+                    json!({"volume": loc.id, "connector": conn.connector, "path": path})
+                );
             } else {
                 println!("{path}");
             }
@@ -341,13 +380,27 @@ fn print_backup(b: &BackupRecord, json: bool) {
     } else {
         println!("backup {}", b.id);
         println!("  state:   {}", b.state.as_str());
-        println!("  volume:  {}:{}/{} ({}, {})", b.volume_backend, b.volume_pool, b.volume_id, b.volume_name, human(b.volume_size));
-        println!("  target:  {}:{}/{}", b.target_backend, b.target_pool, b.target_volume_id);
+        println!(
+            "  volume:  {}:{}/{} ({}, {})",
+            b.volume_backend,
+            b.volume_pool,
+            b.volume_id,
+            b.volume_name,
+            human(b.volume_size)
+        );
+        println!(
+            "  target:  {}:{}/{}",
+            b.target_backend, b.target_pool, b.target_volume_id
+        );
         println!("  from snapshot: {}", b.from_snapshot);
         if let Some(c) = &b.checksum {
             println!("  checksum: {c}");
         }
-        println!("  read {}, written {}", human(b.bytes_read), human(b.bytes_written));
+        println!(
+            "  read {}, written {}",
+            human(b.bytes_read),
+            human(b.bytes_written)
+        );
         if let Some(err) = &b.error {
             println!("  error:   {err}");
         }
@@ -360,9 +413,23 @@ fn print_backup(b: &BackupRecord, json: bool) {
 fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
     let e = |e: volback_engine::service::ServiceError| e.to_string();
     match cmd {
-        BackupCmd::Create { volume, to, snapshot, progress, json } => {
-            let mut reporter = Reporter::new(if json && progress == ProgressMode::Auto { ProgressMode::None } else { progress });
-            let req = BackupRequest { volume, target: to, snapshot };
+        BackupCmd::Create {
+            volume,
+            to,
+            snapshot,
+            progress,
+            json,
+        } => {
+            let mut reporter = Reporter::new(if json && progress == ProgressMode::Auto {
+                ProgressMode::None
+            } else {
+                progress
+            });
+            let req = BackupRequest {
+                volume,
+                target: to,
+                snapshot,
+            };
             let result = s.backup(&req, &mut |p| reporter.update(p));
             reporter.close();
             let b = result.map_err(e)?;
@@ -373,7 +440,10 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
             if f.json {
                 println!("{}", serde_json::to_string(&list).expect("serializes"));
             } else {
-                println!("{:<38} {:<10} {:<22} {:>12}  VOLUME", "ID", "STATE", "TARGET", "SIZE");
+                println!(
+                    "{:<38} {:<10} {:<22} {:>12}  VOLUME",
+                    "ID", "STATE", "TARGET", "SIZE"
+                );
                 for b in list {
                     println!(
                         "{:<38} {:<10} {:<22} {:>12}  {} ({})",
@@ -393,9 +463,14 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
             println!("deleted backup {id}");
         }
         BackupCmd::Export { id } => println!("{}", s.export_record(&id).map_err(e)?),
-        BackupCmd::Import { record, skip_data_check, json } => {
+        BackupCmd::Import {
+            record,
+            skip_data_check,
+            json,
+        } => {
             let text = if record == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|err| format!("reading standard input: {err}"))?
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|err| format!("reading standard input: {err}"))?
             } else {
                 record
             };
@@ -408,12 +483,24 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
 
 fn restore(mut s: Service, args: RestoreArgs) -> CmdResult {
     let target = match args.volume {
-        Some(volume) => RestoreTarget::Existing { volume, force: args.force },
-        None => RestoreTarget::New { pool: args.to, name: args.name },
+        Some(volume) => RestoreTarget::Existing {
+            volume,
+            force: args.force,
+        },
+        None => RestoreTarget::New {
+            pool: args.to,
+            name: args.name,
+        },
     };
-    let mode = if args.json && args.progress == ProgressMode::Auto { ProgressMode::None } else { args.progress };
+    let mode = if args.json && args.progress == ProgressMode::Auto {
+        ProgressMode::None
+    } else {
+        args.progress
+    };
     let mut reporter = Reporter::new(mode);
-    let result = s.restore(&args.backup, &target, args.verify, &mut |p| reporter.update(p));
+    let result = s.restore(&args.backup, &target, args.verify, &mut |p| {
+        reporter.update(p)
+    });
     reporter.close();
     let out = result.map_err(|e| e.to_string())?;
     let r = &out.report;
@@ -426,7 +513,10 @@ fn restore(mut s: Service, args: RestoreArgs) -> CmdResult {
                    "checksum": r.digest.map(|d| format!("xxh3-128:{d:032x}"))})
         );
     } else {
-        println!("restored backup {} to {}:{}/{}", args.backup, out.volume.backend, out.volume.pool, out.volume.id);
+        println!(
+            "restored backup {} to {}:{}/{}",
+            args.backup, out.volume.backend, out.volume.pool, out.volume.id
+        );
         println!(
             "  {} in {:.2} s: read {}, written {}, zeroed {}, skipped {}",
             human(r.size),
@@ -464,13 +554,18 @@ fn run_copy(args: CopyArgs) -> CmdResult {
         reporter.error(&msg);
         msg
     };
-    let source =
-        devices::open_source(&args.source, opts.queue_depth, direct).map_err(|e| fail(&mut reporter, e.to_string()))?;
+    let source = devices::open_source(&args.source, opts.queue_depth, direct)
+        .map_err(|e| fail(&mut reporter, e.to_string()))?;
     let size = source.device.size();
     let destination = devices::open_destination(&args.destination, size, opts.queue_depth, direct)
         .map_err(|e| fail(&mut reporter, e.to_string()))?;
-    let opts = CopyOptions { destination_is_zero: destination.created, ..opts };
-    match copy::copy(source.device, destination.device, &opts, &mut |p| reporter.update(p)) {
+    let opts = CopyOptions {
+        destination_is_zero: destination.created,
+        ..opts
+    };
+    match copy::copy(source.device, destination.device, &opts, &mut |p| {
+        reporter.update(p)
+    }) {
         Ok(copied) => {
             reporter.summary(&copied.report, &args.source, &args.destination);
             Ok(())

@@ -43,8 +43,14 @@ fn digest(p: &Payload) -> String {
 
 pub fn encode(payload: Payload) -> String {
     let sha256 = digest(&payload);
-    let env = Envelope { format: FORMAT.into(), version: VERSION, payload, sha256 };
-    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&env).expect("record serializes"))
+    let env = Envelope {
+        format: FORMAT.into(),
+        version: VERSION,
+        payload,
+        sha256,
+    };
+    base64::engine::general_purpose::STANDARD
+        .encode(serde_json::to_vec(&env).expect("record serializes"))
 }
 
 /// Decodes and checks a record; the error says what is wrong with it.
@@ -53,18 +59,28 @@ pub fn decode(text: &str) -> Result<Payload, String> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
         .map_err(|e| format!("not base64 ({e})"))?;
-    let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| format!("malformed record: {e}"))?;
+    let env: Envelope =
+        serde_json::from_slice(&bytes).map_err(|e| format!("malformed record: {e}"))?;
     if env.format != FORMAT {
-        return Err(format!("not a volback backup record (format '{}')", env.format));
+        return Err(format!(
+            "not a volback backup record (format '{}')",
+            env.format
+        ));
     }
     if env.version != VERSION {
-        return Err(format!("record version {} is not supported (this volback reads version {VERSION})", env.version));
+        return Err(format!(
+            "record version {} is not supported (this volback reads version {VERSION})",
+            env.version
+        ));
     }
     if digest(&env.payload) != env.sha256 {
         return Err("record checksum does not match its contents (the record was altered)".into());
     }
     let b = &env.payload.backup;
-    if b.checksum.as_deref().is_none_or(|c| !c.starts_with("xxh3-128:")) {
+    if b.checksum
+        .as_deref()
+        .is_none_or(|c| !c.starts_with("xxh3-128:"))
+    {
         return Err("record has no data checksum".into());
     }
     if b.volume_size == 0 || b.id.is_empty() || b.target_volume_id.is_empty() {
@@ -111,7 +127,12 @@ mod tests {
         let text = encode(payload());
         assert_eq!(decode(&text).unwrap().backup.id, "b");
         // Edit a field inside the JSON and re-encode without fixing the hash.
-        let json = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(&text).unwrap()).unwrap();
+        let json = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(&text)
+                .unwrap(),
+        )
+        .unwrap();
         let edited = json.replace("\"volume_size\":4096", "\"volume_size\":8192");
         assert_ne!(json, edited);
         let tampered = base64::engine::general_purpose::STANDARD.encode(edited);

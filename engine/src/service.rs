@@ -5,32 +5,60 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use volback_drivers::{ConnectionInfo, DriverError, ExportOptions, ExportTarget, VolumeDriver, VolumeInfo};
+use volback_drivers::{
+    ConnectionInfo, DriverError, ExportOptions, ExportTarget, VolumeDriver, VolumeInfo,
+};
 
-use crate::catalog::{self, BackupRecord, BackupState, Catalog, CatalogError, Operation, ResourceKind, VolumeRecord};
+use crate::catalog::{
+    self, BackupRecord, BackupState, Catalog, CatalogError, Operation, ResourceKind, VolumeRecord,
+};
 use crate::config::{ConfigError, Loaded, PoolRef};
 use crate::copy::{self, CopyError, CopyOptions, CopyReport, Progress};
 use crate::{devices, record};
 
+/// A failed flow. The layers' errors are boxed: they carry context
+/// (paths, names, offsets) and would otherwise make every Result large.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(Box<ConfigError>),
     #[error(transparent)]
-    Catalog(#[from] CatalogError),
+    Catalog(Box<CatalogError>),
     #[error(transparent)]
-    Driver(#[from] DriverError),
+    Driver(Box<DriverError>),
     #[error(transparent)]
-    Copy(#[from] CopyError),
+    Copy(Box<CopyError>),
     #[error(transparent)]
-    Device(#[from] volback_connectors::DeviceError),
+    Device(Box<volback_connectors::DeviceError>),
     #[error("{0}")]
     Invalid(String),
     #[error("backup {id} is {state}, {wanted}")]
-    WrongState { id: String, state: &'static str, wanted: &'static str },
+    WrongState {
+        id: String,
+        state: &'static str,
+        wanted: &'static str,
+    },
     #[error("backup record refused: {0}")]
     BadRecord(String),
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for ServiceError {
+            fn from(e: $ty) -> Self {
+                ServiceError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Config(ConfigError),
+    Catalog(CatalogError),
+    Driver(DriverError),
+    Copy(CopyError),
+    Device(volback_connectors::DeviceError),
+);
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
@@ -52,7 +80,10 @@ pub struct BackupRequest {
 
 pub enum RestoreTarget {
     /// A new volume on this pool (default: the source volume's pool).
-    New { pool: Option<PoolRef>, name: Option<String> },
+    New {
+        pool: Option<PoolRef>,
+        name: Option<String>,
+    },
     /// Overwrite an existing volume (`force` confirms it).
     Existing { volume: String, force: bool },
 }
@@ -79,7 +110,7 @@ pub struct Service {
 
 impl Service {
     pub fn new(config: Loaded) -> Result<Self> {
-        let catalog = Catalog::open(&config.catalog_path())?;
+        let catalog = Catalog::open(config.catalog_path())?;
         Ok(Self { config, catalog })
     }
 
@@ -88,7 +119,10 @@ impl Service {
     }
 
     fn export_options(&self, backend: &str, read_only: bool) -> Result<ExportOptions> {
-        Ok(ExportOptions { loop_device: self.config.loop_devices(backend)?, read_only })
+        Ok(ExportOptions {
+            loop_device: self.config.loop_devices(backend)?,
+            read_only,
+        })
     }
 
     /// Resolves `BACKEND:POOL/ID`, or an id the catalog knows, or an id
@@ -97,28 +131,57 @@ impl Service {
         if let Some((pool_ref, id)) = spec.split_once('/') {
             let pool: PoolRef = pool_ref.parse()?;
             let info = self.driver(&pool.backend)?.get_volume(&pool.pool, id)?;
-            return Ok((VolumeLocation { backend: pool.backend, pool: pool.pool, id: id.to_string() }, info));
+            return Ok((
+                VolumeLocation {
+                    backend: pool.backend,
+                    pool: pool.pool,
+                    id: id.to_string(),
+                },
+                info,
+            ));
         }
         if let Some(v) = self.catalog.get_volume(spec)? {
             let info = self.driver(&v.backend)?.get_volume(&v.pool, spec)?;
-            return Ok((VolumeLocation { backend: v.backend, pool: v.pool, id: spec.to_string() }, info));
+            return Ok((
+                VolumeLocation {
+                    backend: v.backend,
+                    pool: v.pool,
+                    id: spec.to_string(),
+                },
+                info,
+            ));
         }
         for (backend, pools) in self.config.pools() {
             let driver = self.driver(&backend)?;
             for pool in pools {
                 if let Ok(info) = driver.get_volume(&pool, spec) {
-                    return Ok((VolumeLocation { backend: backend.clone(), pool, id: spec.to_string() }, info));
+                    return Ok((
+                        VolumeLocation {
+                            backend: backend.clone(),
+                            pool,
+                            id: spec.to_string(),
+                        },
+                        info,
+                    ));
                 }
             }
         }
-        Err(ServiceError::Invalid(format!("no volume '{spec}' on any configured backend (use BACKEND:POOL/ID)")))
+        Err(ServiceError::Invalid(format!(
+            "no volume '{spec}' on any configured backend (use BACKEND:POOL/ID)"
+        )))
     }
 
     // --- volumes -------------------------------------------------------
 
     pub fn create_volume(&self, pool: &PoolRef, name: &str, size: u64) -> Result<VolumeInfo> {
         let id = uuid::Uuid::new_v4().to_string();
-        let info = self.driver(&pool.backend)?.create_volume(&pool.pool, &id, name, size, &BTreeMap::new())?;
+        let info = self.driver(&pool.backend)?.create_volume(
+            &pool.pool,
+            &id,
+            name,
+            size,
+            &BTreeMap::new(),
+        )?;
         self.record_volume(&pool.backend, &info)?;
         Ok(info)
     }
@@ -155,14 +218,19 @@ impl Service {
 
     pub fn delete_volume(&self, spec: &str) -> Result<VolumeLocation> {
         let (loc, _) = self.locate_volume(spec)?;
-        let in_backups = self.catalog.list_backups()?.into_iter().any(|b| b.target_volume_id == loc.id);
+        let in_backups = self
+            .catalog
+            .list_backups()?
+            .into_iter()
+            .any(|b| b.target_volume_id == loc.id);
         if in_backups {
             return Err(ServiceError::Invalid(format!(
                 "volume {} holds a backup; delete the backup instead (volback backup delete)",
                 loc.id
             )));
         }
-        self.driver(&loc.backend)?.delete_volume(&loc.pool, &loc.id)?;
+        self.driver(&loc.backend)?
+            .delete_volume(&loc.pool, &loc.id)?;
         self.catalog.delete_volume(&loc.id)?;
         Ok(loc)
     }
@@ -170,28 +238,39 @@ impl Service {
     pub fn attach_volume(&self, spec: &str) -> Result<(VolumeLocation, ConnectionInfo)> {
         let (loc, _) = self.locate_volume(spec)?;
         let driver = self.driver(&loc.backend)?;
-        let opts = ExportOptions { loop_device: true, read_only: false };
+        let opts = ExportOptions {
+            loop_device: true,
+            read_only: false,
+        };
         let conn = driver.export(&loc.pool, &ExportTarget::Volume(loc.id.clone()), opts)?;
         Ok((loc, conn))
     }
 
     pub fn detach_volume(&self, spec: &str) -> Result<VolumeLocation> {
         let (loc, _) = self.locate_volume(spec)?;
-        self.driver(&loc.backend)?.unexport(&loc.pool, &ExportTarget::Volume(loc.id.clone()))?;
+        self.driver(&loc.backend)?
+            .unexport(&loc.pool, &ExportTarget::Volume(loc.id.clone()))?;
         Ok(loc)
     }
 
     // --- backups -------------------------------------------------------
 
     /// Backs a volume up onto a new volume of the target pool.
-    pub fn backup(&mut self, req: &BackupRequest, progress: &mut dyn FnMut(&Progress)) -> Result<BackupRecord> {
+    pub fn backup(
+        &mut self,
+        req: &BackupRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<BackupRecord> {
         self.recover()?;
         let (src, info) = self.locate_volume(&req.volume)?;
         let target = match &req.target {
             Some(t) => t.clone(),
             None => self.config.target_for(&src.backend)?,
         };
-        let source_pool = PoolRef { backend: src.backend.clone(), pool: src.pool.clone() };
+        let source_pool = PoolRef {
+            backend: src.backend.clone(),
+            pool: src.pool.clone(),
+        };
         self.config.check_not_same_pool(&source_pool, &target)?;
         let src_driver = self.driver(&src.backend)?;
         let dst_driver = self.driver(&target.backend)?;
@@ -260,10 +339,23 @@ impl Service {
                 &metadata,
             )?;
             self.catalog.set_resource_state(rid, "created")?;
-            let source_conn =
-                self.export(&op, &src_driver, &src.backend, &src.pool, &source_target, true)?;
+            let source_conn = self.export(
+                &op,
+                &src_driver,
+                &src.backend,
+                &src.pool,
+                &source_target,
+                true,
+            )?;
             let dest_target = ExportTarget::Volume(record.target_volume_id.clone());
-            let dest_conn = self.export(&op, &dst_driver, &target.backend, &target.pool, &dest_target, false)?;
+            let dest_conn = self.export(
+                &op,
+                &dst_driver,
+                &target.backend,
+                &target.pool,
+                &dest_target,
+                false,
+            )?;
             fail::fail_point!("backup_before_copy", |_| crash("backup_before_copy"));
             let report = self.copy(&op, &source_conn, &dest_conn, true, false, progress)?;
             fail::fail_point!("backup_after_copy", |_| crash("backup_after_copy"));
@@ -273,15 +365,28 @@ impl Service {
         };
         match run() {
             Ok(report) => {
-                let checksum = report.digest.map(|d| format!("xxh3-128:{d:032x}")).unwrap_or_default();
-                self.catalog.complete_backup(&record.id, &op.id, &checksum, report.bytes_read, report.bytes_written)?;
+                let checksum = report
+                    .digest
+                    .map(|d| format!("xxh3-128:{d:032x}"))
+                    .unwrap_or_default();
+                self.catalog.complete_backup(
+                    &record.id,
+                    &op.id,
+                    &checksum,
+                    report.bytes_read,
+                    report.bytes_written,
+                )?;
                 tracing::info!(backup = %record.id, "backup available");
                 Ok(self.catalog.get_backup(&record.id)?)
             }
             Err(e) => {
                 tracing::warn!(backup = %record.id, error = %e, "backup failed; removing what it created");
                 let cleanup = self.undo(&op, false);
-                self.catalog.set_backup_state(&record.id, BackupState::Error, Some(&e.to_string()))?;
+                self.catalog.set_backup_state(
+                    &record.id,
+                    BackupState::Error,
+                    Some(&e.to_string()),
+                )?;
                 self.catalog.end_operation(&op.id)?;
                 cleanup?;
                 Err(e)
@@ -302,7 +407,9 @@ impl Service {
             ExportTarget::Volume(id) => (ResourceKind::VolumeExport, id),
             ExportTarget::Snapshot(id) => (ResourceKind::SnapshotExport, id),
         };
-        let rid = self.catalog.plan_resource(&op.id, kind, backend, pool, id, false)?;
+        let rid = self
+            .catalog
+            .plan_resource(&op.id, kind, backend, pool, id, false)?;
         let conn = driver.export(pool, target, self.export_options(backend, read_only)?)?;
         self.catalog.set_resource_state(rid, "created")?;
         Ok(conn)
@@ -352,7 +459,9 @@ impl Service {
             }
             let driver = self.driver(&r.backend)?;
             match r.kind {
-                ResourceKind::VolumeExport => driver.unexport(&r.pool, &ExportTarget::Volume(r.object_id.clone()))?,
+                ResourceKind::VolumeExport => {
+                    driver.unexport(&r.pool, &ExportTarget::Volume(r.object_id.clone()))?
+                }
                 ResourceKind::SnapshotExport => {
                     driver.unexport(&r.pool, &ExportTarget::Snapshot(r.object_id.clone()))?
                 }
@@ -389,7 +498,8 @@ impl Service {
                         out.backups_marked_error.push(b.clone());
                     }
                     ("restore", Ok(rec)) if rec.state == BackupState::Restoring => {
-                        self.catalog.set_backup_state(b, BackupState::Available, None)?;
+                        self.catalog
+                            .set_backup_state(b, BackupState::Available, None)?;
                     }
                     ("delete", Ok(_)) => {
                         self.catalog.delete_backup(b)?;
@@ -418,7 +528,11 @@ impl Service {
         let b = self.catalog.get_backup(id)?;
         let claimed = [BackupState::Available, BackupState::Error]
             .into_iter()
-            .any(|from| self.catalog.transition_backup(id, from, BackupState::Deleting).unwrap_or(false));
+            .any(|from| {
+                self.catalog
+                    .transition_backup(id, from, BackupState::Deleting)
+                    .unwrap_or(false)
+            });
         if !claimed {
             return Err(ServiceError::WrongState {
                 id: id.into(),
@@ -438,7 +552,10 @@ impl Service {
         )?;
         self.catalog.set_resource_state(rid, "created")?;
         let driver = self.driver(&b.target_backend)?;
-        driver.unexport(&b.target_pool, &ExportTarget::Volume(b.target_volume_id.clone()))?;
+        driver.unexport(
+            &b.target_pool,
+            &ExportTarget::Volume(b.target_volume_id.clone()),
+        )?;
         driver.delete_volume(&b.target_pool, &b.target_volume_id)?;
         self.catalog.set_resource_state(rid, "removed")?;
         self.catalog.delete_backup(id)?;
@@ -456,7 +573,10 @@ impl Service {
     ) -> Result<RestoreOutcome> {
         self.recover()?;
         let b = self.catalog.get_backup(id)?;
-        if !self.catalog.transition_backup(id, BackupState::Available, BackupState::Restoring)? {
+        if !self
+            .catalog
+            .transition_backup(id, BackupState::Available, BackupState::Restoring)?
+        {
             return Err(ServiceError::WrongState {
                 id: id.into(),
                 state: b.state.as_str(),
@@ -467,12 +587,22 @@ impl Service {
         let mut run = || -> Result<RestoreOutcome> {
             let (dest, new) = match target {
                 RestoreTarget::New { pool, name } => {
-                    let pool = pool
-                        .clone()
-                        .unwrap_or(PoolRef { backend: b.volume_backend.clone(), pool: b.volume_pool.clone() });
+                    let pool = pool.clone().unwrap_or(PoolRef {
+                        backend: b.volume_backend.clone(),
+                        pool: b.volume_pool.clone(),
+                    });
                     let vid = uuid::Uuid::new_v4().to_string();
-                    let rid = self.catalog.plan_resource(&op.id, ResourceKind::Volume, &pool.backend, &pool.pool, &vid, true)?;
-                    let name = name.clone().unwrap_or_else(|| format!("restore-of-{}", b.volume_name));
+                    let rid = self.catalog.plan_resource(
+                        &op.id,
+                        ResourceKind::Volume,
+                        &pool.backend,
+                        &pool.pool,
+                        &vid,
+                        true,
+                    )?;
+                    let name = name
+                        .clone()
+                        .unwrap_or_else(|| format!("restore-of-{}", b.volume_name));
                     let info = self.driver(&pool.backend)?.create_volume(
                         &pool.pool,
                         &vid,
@@ -482,7 +612,14 @@ impl Service {
                     )?;
                     self.catalog.set_resource_state(rid, "created")?;
                     self.record_volume(&pool.backend, &info)?;
-                    (VolumeLocation { backend: pool.backend, pool: pool.pool, id: vid }, true)
+                    (
+                        VolumeLocation {
+                            backend: pool.backend,
+                            pool: pool.pool,
+                            id: vid,
+                        },
+                        true,
+                    )
                 }
                 RestoreTarget::Existing { volume, force } => {
                     let (loc, info) = self.locate_volume(volume)?;
@@ -507,9 +644,23 @@ impl Service {
             let src_driver = self.driver(&b.target_backend)?;
             let dst_driver = self.driver(&dest.backend)?;
             let source_target = ExportTarget::Volume(b.target_volume_id.clone());
-            let source_conn = self.export(&op, &src_driver, &b.target_backend, &b.target_pool, &source_target, true)?;
+            let source_conn = self.export(
+                &op,
+                &src_driver,
+                &b.target_backend,
+                &b.target_pool,
+                &source_target,
+                true,
+            )?;
             let dest_target = ExportTarget::Volume(dest.id.clone());
-            let dest_conn = self.export(&op, &dst_driver, &dest.backend, &dest.pool, &dest_target, false)?;
+            let dest_conn = self.export(
+                &op,
+                &dst_driver,
+                &dest.backend,
+                &dest.pool,
+                &dest_target,
+                false,
+            )?;
             let report = self.copy(&op, &source_conn, &dest_conn, new, verify, progress)?;
             if let (Some(expected), Some(got)) = (&b.checksum, report.digest) {
                 let got = format!("xxh3-128:{got:032x}");
@@ -521,7 +672,10 @@ impl Service {
                 }
             }
             self.undo(&op, true)?;
-            Ok(RestoreOutcome { volume: dest, report })
+            Ok(RestoreOutcome {
+                volume: dest,
+                report,
+            })
         };
         let result = run();
         if let Err(e) = &result {
@@ -531,7 +685,8 @@ impl Service {
                 tracing::error!(error = %ce, "cleanup after a failed restore failed");
             }
         }
-        self.catalog.set_backup_state(id, BackupState::Available, None)?;
+        self.catalog
+            .set_backup_state(id, BackupState::Available, None)?;
         self.catalog.end_operation(&op.id)?;
         if let Err(ServiceError::Copy(_)) | Err(ServiceError::Device(_)) = &result {
             if let RestoreTarget::Existing { volume, .. } = target {
@@ -572,9 +727,14 @@ impl Service {
         let payload = record::decode(text).map_err(ServiceError::BadRecord)?;
         let mut b = payload.backup;
         if self.catalog.get_backup(&b.id).is_ok() {
-            return Err(ServiceError::BadRecord(format!("backup {} is already in the catalog", b.id)));
+            return Err(ServiceError::BadRecord(format!(
+                "backup {} is already in the catalog",
+                b.id
+            )));
         }
-        let driver = self.driver(&b.target_backend).map_err(|e| ServiceError::BadRecord(e.to_string()))?;
+        let driver = self
+            .driver(&b.target_backend)
+            .map_err(|e| ServiceError::BadRecord(e.to_string()))?;
         if driver.kind() != payload.target_driver {
             return Err(ServiceError::BadRecord(format!(
                 "backend {} is a {} backend here, the record says {}",
@@ -594,7 +754,12 @@ impl Service {
         }
         if check_data {
             let expected = b.checksum.clone().unwrap_or_default();
-            let got = self.checksum_volume(&b.target_backend, &b.target_pool, &b.target_volume_id, b.volume_size)?;
+            let got = self.checksum_volume(
+                &b.target_backend,
+                &b.target_pool,
+                &b.target_volume_id,
+                b.volume_size,
+            )?;
             if got != expected {
                 return Err(ServiceError::BadRecord(format!(
                     "its data volume does not match the record's checksum ({expected}, read {got})"
@@ -608,19 +773,40 @@ impl Service {
     }
 
     /// Reads a volume through an export and returns its checksum.
-    fn checksum_volume(&self, backend: &str, pool: &str, volume_id: &str, size: u64) -> Result<String> {
+    fn checksum_volume(
+        &self,
+        backend: &str,
+        pool: &str,
+        volume_id: &str,
+        size: u64,
+    ) -> Result<String> {
         let op = self.catalog.begin_operation("checksum", None)?;
         let driver = self.driver(backend)?;
         let run = || -> Result<String> {
-            let conn = self.export(&op, &driver, backend, pool, &ExportTarget::Volume(volume_id.into()), true)?;
+            let conn = self.export(
+                &op,
+                &driver,
+                backend,
+                pool,
+                &ExportTarget::Volume(volume_id.into()),
+                true,
+            )?;
             let opts = self.config.copy_options();
             let mut dev = devices::attach(&conn, false, opts.queue_depth)?;
             if dev.size() < size {
-                return Err(ServiceError::Invalid(format!("volume {volume_id} is smaller than {size} bytes")));
+                return Err(ServiceError::Invalid(format!(
+                    "volume {volume_id} is smaller than {size} bytes"
+                )));
             }
             let counters = copy::Counters::default();
-            let digest =
-                copy::checksum(&mut *dev, &opts, size, &counters, std::time::Instant::now(), &mut |_| {})?;
+            let digest = copy::checksum(
+                &mut *dev,
+                &opts,
+                size,
+                &counters,
+                std::time::Instant::now(),
+                &mut |_| {},
+            )?;
             Ok(format!("xxh3-128:{digest:032x}"))
         };
         let result = run();
@@ -633,7 +819,7 @@ impl Service {
 /// Simulates a crash at a fail point: the process dies at once, with no
 /// destructor, unwinding or cleanup, as under `kill -9`.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
-fn crash(at: &str) -> Result<CopyReport> {
+fn crash(at: &str) -> ! {
     eprintln!("volback: fail point {at}: aborting");
     std::process::abort()
 }
