@@ -180,7 +180,7 @@ struct CopyArgs {
     /// created as a sparse file of the source's size.
     destination: String,
     /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
-    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
     block_size: u64,
     /// Buffers, and so requests in flight (reads plus writes).
     #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]

@@ -428,13 +428,20 @@ pub fn create_file(path: impl AsRef<Path>, size: u64, regions: &[Region]) {
             "region {region:?} goes past the end of {} ({size} bytes)",
             path.display()
         );
-        match region.fill {
-            Fill::Random(seed) => write_pattern(&file, region.offset, region.len, seed),
-            Fill::Byte(byte) => write_bytes(&file, region.offset, region.len, byte),
-        }
     }
+    write_regions(&file, regions);
     file.sync_all()
         .unwrap_or_else(|e| panic!("syncing {}: {e}", path.display()));
+}
+
+/// Writes the regions, in order, into an open file or device (no sync).
+pub fn write_regions(file: &File, regions: &[Region]) {
+    for region in regions {
+        match region.fill {
+            Fill::Random(seed) => write_pattern(file, region.offset, region.len, seed),
+            Fill::Byte(byte) => write_bytes(file, region.offset, region.len, byte),
+        }
+    }
 }
 
 /// A fully written file of pseudo-random bytes.
@@ -844,6 +851,338 @@ pub fn arg(path: impl AsRef<Path>) -> String {
         .to_str()
         .expect("test paths are UTF-8")
         .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// volback installations: configuration, pools, catalog
+// ---------------------------------------------------------------------------
+
+/// The configuration of an [`Installation`]: backend `primary` (file pools
+/// `gold` and `silver`), backend `backup` (pool `vault`), default target
+/// `backup:vault`, the given catalog, and `backup_extra` appended to the
+/// `backup:` section (indented lines such as `"  bwlimit: 8M\n"`). Pool
+/// paths are relative to the configuration file's directory.
+pub fn installation_yaml(catalog: &str, backup_extra: &str) -> String {
+    format!(
+        "backends:
+  - name: primary
+    driver: file
+    pools:
+      gold: primary/gold
+      silver: primary/silver
+  - name: backup
+    driver: file
+    pools:
+      vault: backup/vault
+backup:
+  default_target: backup:vault
+  catalog: {catalog}
+{backup_extra}"
+    )
+}
+
+/// A volback installation in a directory: the pool directories
+/// `primary/gold`, `primary/silver` and `backup/vault`, and a configuration
+/// file naming them (see [`installation_yaml`]). Every command run through
+/// it gets `--config`.
+#[derive(Debug, Clone)]
+pub struct Installation {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Installation {
+    /// Pools in the scratch directory, configuration `volback.yaml`,
+    /// catalog `catalog.db`.
+    pub fn new(scratch: &Scratch) -> Installation {
+        Installation::create(scratch.path(), "volback.yaml", "catalog.db", "")
+    }
+
+    /// Creates the pool directories under `dir` (if missing) and writes the
+    /// configuration file `config_name` there.
+    pub fn create(
+        dir: &Path,
+        config_name: &str,
+        catalog: &str,
+        backup_extra: &str,
+    ) -> Installation {
+        for pool in ["primary/gold", "primary/silver", "backup/vault"] {
+            let p = dir.join(pool);
+            std::fs::create_dir_all(&p)
+                .unwrap_or_else(|e| panic!("creating pool directory {}: {e}", p.display()));
+        }
+        let config = dir.join(config_name);
+        std::fs::write(&config, installation_yaml(catalog, backup_extra))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+        Installation {
+            dir: dir.to_path_buf(),
+            config,
+        }
+    }
+
+    /// Another configuration file over the same pools (another catalog, a
+    /// bandwidth limit, ...).
+    pub fn sibling(&self, config_name: &str, catalog: &str, backup_extra: &str) -> Installation {
+        Installation::create(&self.dir, config_name, catalog, backup_extra)
+    }
+
+    /// The directory of pool `backend:pool`.
+    pub fn pool_dir(&self, pool: &str) -> PathBuf {
+        let (backend, name) = pool
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{pool:?} is not BACKEND:POOL"));
+        self.dir.join(backend).join(name)
+    }
+
+    /// The image file of volume `id` on `backend:pool`.
+    pub fn volume_img(&self, pool: &str, id: &str) -> PathBuf {
+        self.pool_dir(pool).join(format!("volume-{id}.img"))
+    }
+
+    /// The sidecar of volume `id` on `backend:pool`.
+    pub fn volume_json(&self, pool: &str, id: &str) -> PathBuf {
+        self.pool_dir(pool).join(format!("volume-{id}.json"))
+    }
+
+    /// `volback --config CONFIG args...`, not run yet.
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = volback_command(["--config".as_ref(), self.config.as_os_str()]);
+        cmd.args(args);
+        cmd
+    }
+
+    pub fn run<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run(self.command(args))
+    }
+
+    /// Runs and asserts success.
+    pub fn ok<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.run(args).assert_success()
+    }
+
+    /// Runs and asserts a clean failure.
+    pub fn err<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.run(args).assert_failure()
+    }
+
+    /// Runs a command printing one JSON document and parses it.
+    pub fn json<I, S>(&self, args: I) -> Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let r = self.ok(args);
+        serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e})\n{}", r.describe()))
+    }
+
+    /// `volume create POOL --size SIZE --name NAME --json`; returns the id.
+    pub fn create_volume(&self, pool: &str, name: &str, size: u64) -> String {
+        let size = size.to_string();
+        let v = self.json([
+            "volume", "create", pool, "--size", &size, "--name", name, "--json",
+        ]);
+        json_str(&v["volume"], "id").to_owned()
+    }
+
+    /// `backup list --json`.
+    pub fn backups(&self) -> Vec<Value> {
+        match self.json(["backup", "list", "--json"]) {
+            Value::Array(list) => list,
+            other => panic!("backup list --json is not an array: {other}"),
+        }
+    }
+
+    /// `backup show ID --json`.
+    pub fn show_backup(&self, id: &str) -> Value {
+        self.json(["backup", "show", id, "--json"])
+    }
+
+    /// `volume attach POOL/ID`, detached again when the guard drops.
+    pub fn attach(&self, pool: &str, id: &str) -> AttachedVolume {
+        let spec = format!("{pool}/{id}");
+        let v = self.json(["volume", "attach", spec.as_str(), "--json"]);
+        let dev = PathBuf::from(json_str(&v, "path"));
+        AttachedVolume {
+            installation: self.clone(),
+            spec,
+            image: self.volume_img(pool, id),
+            dev,
+        }
+    }
+}
+
+/// `object[field]` as a string; panics naming the field otherwise.
+pub fn json_str<'a>(object: &'a Value, field: &str) -> &'a str {
+    match object.get(field) {
+        Some(v) => v
+            .as_str()
+            .unwrap_or_else(|| panic!("field {field:?} is not a string in {object}")),
+        None => panic!("field {field:?} missing from {object}"),
+    }
+}
+
+/// The names of the files in a directory, sorted.
+pub fn dir_entries(dir: impl AsRef<Path>) -> Vec<String> {
+    let dir = dir.as_ref();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The backing file of a loop device, from sysfs (None if it is unbound).
+pub fn loop_backing_file(dev: impl AsRef<Path>) -> Option<PathBuf> {
+    let name = dev.as_ref().file_name()?.to_str()?.to_owned();
+    let text = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
+/// Detaches (`losetup -d`) every loop device whose `losetup -a` line
+/// mentions `dir`; returns how many it tried.
+pub fn detach_loop_devices_under(dir: &Path) -> usize {
+    let lines = loop_devices_referencing(dir);
+    for line in &lines {
+        if let Some((dev, _)) = line.split_once(':') {
+            let _ = Command::new("losetup").arg("-d").arg(dev).output();
+        }
+    }
+    lines.len()
+}
+
+/// A volume attached with `volume attach`: `volume detach` on drop, and any
+/// loop device still on its image detached with losetup.
+#[derive(Debug)]
+pub struct AttachedVolume {
+    installation: Installation,
+    spec: String,
+    image: PathBuf,
+    dev: PathBuf,
+}
+
+impl AttachedVolume {
+    /// The device `volume attach` printed.
+    pub fn path(&self) -> &Path {
+        &self.dev
+    }
+
+    /// Whether the device is still attached to the volume's image.
+    pub fn still_attached(&self) -> bool {
+        loop_backing_file(&self.dev).is_some_and(|b| b == self.image)
+    }
+}
+
+impl Drop for AttachedVolume {
+    fn drop(&mut self) {
+        let r = self.installation.run(["volume", "detach", self.spec.as_str()]);
+        if !r.success() {
+            eprintln!("warning: cleanup: {}", r.describe());
+        }
+        detach_loop_devices_under(&self.image);
+    }
+}
+
+/// On drop while a test panics, detaches every loop device referring to a
+/// file under the directory (what a crashed or failed volback left), so the
+/// scratch directory can go. On a normal drop it does nothing: leaks are
+/// then for [`with_scratch`] to find.
+pub struct LoopSweeper {
+    dir: PathBuf,
+}
+
+impl LoopSweeper {
+    pub fn new(dir: impl AsRef<Path>) -> LoopSweeper {
+        LoopSweeper {
+            dir: dir.as_ref().to_path_buf(),
+        }
+    }
+}
+
+impl Drop for LoopSweeper {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for _ in 0..5 {
+                if detach_loop_devices_under(&self.dir) == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// A bind mount (`mount --bind SOURCE TARGET`), unmounted on drop.
+#[derive(Debug)]
+pub struct BindMount {
+    target: PathBuf,
+}
+
+impl BindMount {
+    pub fn new(source: impl AsRef<Path>, target: impl AsRef<Path>) -> BindMount {
+        let (source, target) = (source.as_ref(), target.as_ref());
+        let r = run({
+            let mut cmd = Command::new("mount");
+            cmd.arg("--bind").arg(source).arg(target);
+            cmd
+        });
+        assert!(r.success(), "bind mount failed\n{}", r.describe());
+        BindMount {
+            target: target.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        for attempt in 0..10u64 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(50 * attempt));
+            }
+            match Command::new("umount").arg(&self.target).output() {
+                Ok(out) if out.status.success() => return,
+                _ => {}
+            }
+        }
+        // Last resort: detach it lazily so the scratch directory's removal
+        // cannot recurse into the mounted directory.
+        let _ = Command::new("umount").arg("-l").arg(&self.target).output();
+        eprintln!("warning: {} was unmounted lazily", self.target.display());
+    }
+}
+
+/// A spawned process, killed (SIGKILL) and reaped on drop if still running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 #[cfg(test)]
