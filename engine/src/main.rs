@@ -544,6 +544,7 @@ fn run_copy(args: CopyArgs) -> CmdResult {
         verify: args.verify,
         checksum: args.verify,
         destination_is_zero: false,
+        block_map: None,
     };
     let direct = match args.direct {
         Direct::Auto => DirectIo::Auto,

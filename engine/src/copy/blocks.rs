@@ -5,12 +5,22 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::plan::GRID;
 
+/// What a run of blocks inside a read buffer needs on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Data,
+    /// Reads as zero.
+    Zero,
+    /// Same as what the destination already holds (incremental copies).
+    Unchanged,
+}
+
 /// A run of consecutive grid blocks of one kind inside a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub start: usize,
     pub len: usize,
-    pub zero: bool,
+    pub kind: RunKind,
 }
 
 /// True when every byte is zero. Checks 64 bytes at a time so the compiler
@@ -43,17 +53,50 @@ pub fn analyze(data: &[u8], detect_zero: bool, mut hashes: Option<&mut Vec<u64>>
                 xxh3_64(block)
             });
         }
-        let start = i * GRID as usize;
-        match runs.last_mut() {
-            Some(last) if last.zero == zero => last.len += block.len(),
-            _ => runs.push(Run {
-                start,
-                len: block.len(),
-                zero,
-            }),
-        }
+        let kind = if zero { RunKind::Zero } else { RunKind::Data };
+        push_run(&mut runs, i * GRID as usize, block.len(), kind);
     }
     runs
+}
+
+fn push_run(runs: &mut Vec<Run>, start: usize, len: usize, kind: RunKind) {
+    match runs.last_mut() {
+        Some(last) if last.kind == kind && last.start + last.len == start => last.len += len,
+        _ => runs.push(Run { start, len, kind }),
+    }
+}
+
+/// Marks the byte ranges `unchanged` (sorted, inside the buffer) as
+/// [`RunKind::Unchanged`], splitting the runs around them.
+pub fn mark_unchanged(runs: &[Run], unchanged: &[(usize, usize)]) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut u = unchanged.iter().peekable();
+    for r in runs {
+        let mut pos = r.start;
+        let end = r.start + r.len;
+        while pos < end {
+            while u.peek().is_some_and(|&&(a, l)| a + l <= pos) {
+                u.next();
+            }
+            match u.peek() {
+                Some(&&(a, l)) if a <= pos => {
+                    let stop = (a + l).min(end);
+                    push_run(&mut out, pos, stop - pos, RunKind::Unchanged);
+                    pos = stop;
+                }
+                Some(&&(a, _)) => {
+                    let stop = a.min(end);
+                    push_run(&mut out, pos, stop - pos, r.kind);
+                    pos = stop;
+                }
+                None => {
+                    push_run(&mut out, pos, end - pos, r.kind);
+                    pos = end;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Hash of a block of `len` zero bytes (`len` <= GRID).
@@ -159,39 +202,26 @@ mod tests {
         b[4096] = 7;
         b[4096 * 3 + 9] = 1;
         let runs = analyze(&b, true, None);
+        let run = |start, len, kind| Run { start, len, kind };
         assert_eq!(
             runs,
             vec![
-                Run {
-                    start: 0,
-                    len: 4096,
-                    zero: true
-                },
-                Run {
-                    start: 4096,
-                    len: 4096,
-                    zero: false
-                },
-                Run {
-                    start: 8192,
-                    len: 4096,
-                    zero: true
-                },
-                Run {
-                    start: 12288,
-                    len: 10,
-                    zero: false
-                },
+                run(0, 4096, RunKind::Zero),
+                run(4096, 4096, RunKind::Data),
+                run(8192, 4096, RunKind::Zero),
+                run(12288, 10, RunKind::Data),
             ]
         );
         let dense = analyze(&b, false, None);
+        assert_eq!(dense, vec![run(0, b.len(), RunKind::Data)]);
+        let marked = mark_unchanged(&runs, &[(4096, 8192)]);
         assert_eq!(
-            dense,
-            vec![Run {
-                start: 0,
-                len: b.len(),
-                zero: false
-            }]
+            marked,
+            vec![
+                run(0, 4096, RunKind::Zero),
+                run(4096, 8192, RunKind::Unchanged),
+                run(12288, 10, RunKind::Data),
+            ]
         );
     }
 

@@ -7,6 +7,7 @@
 //! draw from one pool of `queue_depth` buffers of `block_size` bytes: that
 //! product bounds the memory whatever the volume size.
 
+mod blockmap;
 mod blocks;
 mod plan;
 mod reader;
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use volback_connectors::{AlignedBuf, BlockDevice, DeviceError, IoOp, Returned};
 
-pub use blocks::{analyze, is_zero, Run};
+pub use blockmap::{BlockMap, DEFAULT_MAP_BLOCK};
+pub use blocks::{analyze, is_zero, Run, RunKind};
 pub use plan::{Planner, Step, GRID};
 
 /// What to do with ranges that read as zero.
@@ -50,6 +52,23 @@ pub struct CopyOptions {
     pub checksum: bool,
     /// The caller created the destination and knows it reads as zero.
     pub destination_is_zero: bool,
+    /// Build a block map of the source (and copy incrementally against a
+    /// parent's map or the ranges a driver says changed).
+    pub block_map: Option<MapPlan>,
+}
+
+/// How to build a block map, and what the destination already holds.
+#[derive(Debug, Clone)]
+pub struct MapPlan {
+    /// Bytes per map block (a multiple of 4 KiB dividing the block size).
+    pub block: u64,
+    /// The map of what the destination holds now (the parent backup).
+    pub parent: Option<Arc<BlockMap>>,
+    /// Skip blocks whose hash equals the parent's (hash-map incremental).
+    pub compare_parent: bool,
+    /// Only these (offset, length) ranges may differ from the parent: read
+    /// and write just them (driver change tracking). Needs `parent`.
+    pub only: Option<Vec<(u64, u64)>>,
 }
 
 impl Default for CopyOptions {
@@ -62,6 +81,7 @@ impl Default for CopyOptions {
             verify: false,
             checksum: false,
             destination_is_zero: false,
+            block_map: None,
         }
     }
 }
@@ -106,6 +126,15 @@ pub enum CopyError {
         offset: u64,
         source_digest: u128,
         destination_digest: u128,
+    },
+    #[error(
+        "verification failed: {device} does not match the block map: first difference in the \
+         {block_size}-byte block at offset {offset}"
+    )]
+    MapMismatch {
+        device: String,
+        offset: u64,
+        block_size: u64,
     },
     #[error("invalid copy option: {0}")]
     InvalidOption(String),
@@ -164,6 +193,8 @@ pub struct CopyReport {
     pub destination_was_zero: bool,
     /// Checksum of the source (and, verified equal, of the destination).
     pub digest: Option<u128>,
+    /// The source's block map, when one was asked for.
+    pub block_map: Option<BlockMap>,
 }
 
 impl CopyReport {
@@ -232,7 +263,7 @@ pub fn copy(
         destination_is_zero: destination_was_zero,
         sparse: opts.sparse,
     };
-    let (source, destination, digest) = std::thread::scope(|s| {
+    let (source, destination, scanned) = std::thread::scope(|s| {
         let wc = counters.clone();
         let writer = s.spawn(move || writer::run(destination, work_rx, pool_tx, writer_cfg, &wc));
         let rc = counters.clone();
@@ -254,8 +285,8 @@ pub fn copy(
         // The writer's error explains a reader that stopped because the writer
         // went away, so it comes first.
         let destination = write_result?;
-        let digest = read_result?;
-        Ok::<_, CopyError>((source, destination, digest))
+        let scanned = read_result?;
+        Ok::<_, CopyError>((source, destination, scanned))
     })?;
 
     let mut report = CopyReport {
@@ -266,11 +297,38 @@ pub fn copy(
         bytes_skipped: counters.skipped.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
         destination_was_zero,
-        digest,
+        digest: scanned.digest,
+        block_map: scanned.block_map,
     };
     let (mut source, mut destination) = (source, destination);
     if opts.verify {
-        let source_digest = digest.ok_or(CopyError::Aborted("checksum"))?;
+        if let Some(expected) = &report.block_map {
+            // Compare maps: works for incremental copies too, where the
+            // source was only partly read.
+            let got = block_map(
+                &mut *destination,
+                opts,
+                expected.block_size,
+                size,
+                &counters,
+                start,
+                progress,
+            )?;
+            if let Some(offset) = expected.first_difference(&got) {
+                return Err(CopyError::MapMismatch {
+                    device: destination.name().to_string(),
+                    offset,
+                    block_size: expected.block_size,
+                });
+            }
+            report.elapsed = start.elapsed();
+            return Ok(Copied {
+                report,
+                source,
+                destination,
+            });
+        }
+        let source_digest = report.digest.ok_or(CopyError::Aborted("checksum"))?;
         let dest_digest = checksum(&mut *destination, opts, size, &counters, start, progress)?;
         if dest_digest != source_digest {
             let offset = first_difference(&mut *source, &mut *destination, size, opts.block_size)?;
@@ -311,6 +369,20 @@ fn validate(opts: &CopyOptions) -> Result<(), CopyError> {
             "queue depth {} must be 1 to 1024",
             opts.queue_depth
         )));
+    }
+    if let Some(m) = &opts.block_map {
+        if m.block == 0 || m.block % GRID != 0 || opts.block_size % m.block != 0 {
+            return Err(CopyError::InvalidOption(format!(
+                "map block size {} must be a multiple of {GRID} that divides the block size {}",
+                m.block, opts.block_size
+            )));
+        }
+        let parent_fits = m.parent.as_ref().is_some_and(|p| p.block_size == m.block);
+        if (m.only.is_some() || m.compare_parent) && !parent_fits {
+            return Err(CopyError::InvalidOption(
+                "an incremental copy needs a parent map of the same block size".into(),
+            ));
+        }
     }
     if opts.bwlimit == Some(0) {
         return Err(CopyError::InvalidOption(
@@ -381,23 +453,61 @@ pub fn checksum(
 ) -> Result<u128, CopyError> {
     let mut cfg = reader::ScanConfig::for_copy(opts, size);
     cfg.hash = true;
+    cfg.block_map = None;
     cfg.counts_as_verify = true;
     let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
     std::thread::scope(|s| {
         let h = s.spawn(|| {
             // Nothing is written: every buffer goes straight back to the pool.
-            let digest = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
+            let scanned = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
                 Ok(match w {
                     Work::Data { buf, .. } => Some(buf),
                     Work::Hole { .. } => None,
                 })
             })?;
-            Ok::<_, CopyError>(digest.expect("hashing scan yields a digest"))
+            Ok::<_, CopyError>(scanned.digest.expect("hashing scan yields a digest"))
         });
         watch(counters, Phase::Verify, size, start, progress, || {
             h.is_finished()
         });
         h.join().expect("checksum thread panicked")
+    })
+}
+
+/// Reads the whole device and returns its block map.
+pub fn block_map(
+    dev: &mut dyn BlockDevice,
+    opts: &CopyOptions,
+    block: u64,
+    size: u64,
+    counters: &Counters,
+    start: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BlockMap, CopyError> {
+    let mut cfg = reader::ScanConfig::for_copy(opts, size);
+    cfg.hash = false;
+    cfg.block_map = Some(MapPlan {
+        block,
+        parent: None,
+        compare_parent: false,
+        only: None,
+    });
+    cfg.counts_as_verify = true;
+    let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let scanned = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
+                Ok(match w {
+                    Work::Data { buf, .. } => Some(buf),
+                    Work::Hole { .. } => None,
+                })
+            })?;
+            Ok::<_, CopyError>(scanned.block_map.expect("a map scan yields a map"))
+        });
+        watch(counters, Phase::Verify, size, start, progress, || {
+            h.is_finished()
+        });
+        h.join().expect("block map thread panicked")
     })
 }
 
@@ -457,3 +567,6 @@ fn read_sync(
     }
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,10 +6,13 @@ use std::sync::mpsc::Receiver;
 
 use volback_connectors::{AlignedBuf, BlockDevice, IoOp, Returned};
 
-use super::blocks::{analyze, OrderedDigest};
-use super::plan::{Planner, Step};
+use std::sync::Arc;
+
+use super::blockmap::{block_hash, zero_block_hash, BlockMap};
+use super::blocks::{analyze, mark_unchanged, OrderedDigest};
+use super::plan::{Planner, Step, GRID};
 use super::throttle::Throttle;
-use super::{CopyError, CopyOptions, Counters, SparseMode, Work, MIN_SKIPPED_HOLE};
+use super::{CopyError, CopyOptions, Counters, MapPlan, SparseMode, Work, MIN_SKIPPED_HOLE};
 
 pub(crate) struct ScanConfig {
     /// Bytes to scan from offset 0 (the source's size, also when reading
@@ -19,7 +22,10 @@ pub(crate) struct ScanConfig {
     pub pool_size: usize,
     pub use_map: bool,
     pub detect_zero: bool,
+    /// Compute the whole-device checksum (needs every byte planned).
     pub hash: bool,
+    /// Build a block map (and maybe skip unchanged blocks).
+    pub block_map: Option<MapPlan>,
     pub bwlimit: Option<u64>,
     /// Count bytes as verified rather than read (the read-back pass).
     pub counts_as_verify: bool,
@@ -28,16 +34,97 @@ pub(crate) struct ScanConfig {
 impl ScanConfig {
     pub fn for_copy(opts: &CopyOptions, size: u64) -> Self {
         let sparse = opts.sparse != SparseMode::Never;
+        let restricted = opts.block_map.as_ref().is_some_and(|m| m.only.is_some());
         Self {
             size,
             block_size: opts.block_size,
             pool_size: opts.queue_depth,
             use_map: sparse,
             detect_zero: sparse,
-            hash: opts.verify || opts.checksum,
+            hash: (opts.verify || opts.checksum) && !restricted,
+            block_map: opts.block_map.clone(),
             bwlimit: opts.bwlimit,
             counts_as_verify: false,
         }
+    }
+}
+
+/// What a scan found.
+pub(crate) struct Scanned {
+    pub digest: Option<u128>,
+    pub block_map: Option<BlockMap>,
+}
+
+/// Builds the new block map as blocks are read, and says which blocks are
+/// unchanged from the parent's map.
+struct MapBuilder {
+    map: BlockMap,
+    parent: Option<Arc<BlockMap>>,
+    pages_per_block: usize,
+    zero_block: u64,
+}
+
+impl MapBuilder {
+    fn new(plan: &MapPlan, size: u64) -> Self {
+        // Restricted plans leave blocks outside the changes as the parent has them.
+        let map = match (&plan.only, &plan.parent) {
+            (Some(_), Some(parent)) => (**parent).clone(),
+            _ => BlockMap::new(plan.block, size),
+        };
+        Self {
+            map,
+            parent: plan.parent.clone().filter(|_| plan.compare_parent),
+            pages_per_block: (plan.block / GRID) as usize,
+            zero_block: zero_block_hash(plan.block),
+        }
+    }
+
+    fn unchanged(&self, index: usize, hash: u64) -> bool {
+        self.parent
+            .as_ref()
+            .is_some_and(|p| p.hashes.get(index) == Some(&hash))
+    }
+
+    /// Records the blocks of a read at `offset` (on the map grid) from its
+    /// page hashes; returns the byte ranges (within the read) unchanged.
+    fn add_read(&mut self, offset: u64, pages: &[u64]) -> Vec<(usize, usize)> {
+        let bs = self.map.block_size;
+        let mut unchanged = Vec::new();
+        for (i, block) in pages.chunks(self.pages_per_block).enumerate() {
+            let index = (offset / bs) as usize + i;
+            let h = block_hash(block);
+            self.map.hashes[index] = h;
+            if self.unchanged(index, h) {
+                let start = i * bs as usize;
+                unchanged.push((start, self.map.block_len(index) as usize));
+            }
+        }
+        unchanged
+    }
+
+    /// Records the blocks of a hole; returns the sub-ranges that changed.
+    fn add_hole(&mut self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let bs = self.map.block_size;
+        let mut changed: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let index = (pos / bs) as usize;
+            let blen = self.map.block_len(index);
+            let h = if blen == bs {
+                self.zero_block
+            } else {
+                zero_block_hash(blen)
+            };
+            self.map.hashes[index] = h;
+            if !self.unchanged(index, h) {
+                match changed.last_mut() {
+                    Some(last) if last.0 + last.1 == pos => last.1 += blen,
+                    _ => changed.push((pos, blen)),
+                }
+            }
+            pos += blen;
+        }
+        changed
     }
 }
 
@@ -93,16 +180,27 @@ impl Pool {
 
 /// Reads `[0, cfg.size)` of `dev`, handing each read or hole to `sink` in
 /// completion order. `sink` gives a buffer back when it is done with it at
-/// once. Returns the device checksum when `cfg.hash`.
+/// once.
 pub(crate) fn scan(
     dev: &mut dyn BlockDevice,
     cfg: &ScanConfig,
     pool: &mut Pool,
     counters: &Counters,
     sink: &mut dyn FnMut(Work) -> Result<Option<AlignedBuf>, CopyError>,
-) -> Result<Option<u128>, CopyError> {
-    let mut planner = Planner::new(cfg.size, cfg.block_size, MIN_SKIPPED_HOLE, cfg.use_map);
+) -> Result<Scanned, CopyError> {
+    let grid = cfg.block_map.as_ref().map_or(GRID, |m| m.block);
+    let mut planner = Planner::with_grid(
+        cfg.size,
+        cfg.block_size,
+        MIN_SKIPPED_HOLE,
+        cfg.use_map,
+        grid,
+    );
+    if let Some(only) = cfg.block_map.as_ref().and_then(|m| m.only.as_ref()) {
+        planner.restrict(only);
+    }
     let mut digest = cfg.hash.then(|| OrderedDigest::new(cfg.size));
+    let mut builder = cfg.block_map.as_ref().map(|m| MapBuilder::new(m, cfg.size));
     let mut throttle = cfg.bwlimit.map(Throttle::new);
     let progress = if cfg.counts_as_verify {
         &counters.verified
@@ -126,6 +224,14 @@ pub(crate) fn scan(
                 },
             };
             match step {
+                Step::Skip { len, .. } => {
+                    let done = if cfg.counts_as_verify {
+                        &counters.verified
+                    } else {
+                        &counters.skipped
+                    };
+                    done.fetch_add(len, Ordering::Relaxed);
+                }
                 Step::Hole { offset, len } => {
                     if let Some(d) = digest.as_mut() {
                         d.add_zeroes(offset, len);
@@ -133,8 +239,16 @@ pub(crate) fn scan(
                     if cfg.counts_as_verify {
                         progress.fetch_add(len, Ordering::Relaxed);
                     }
-                    if let Some(b) = sink(Work::Hole { offset, len })? {
-                        pool.put(b);
+                    let changed = match builder.as_mut() {
+                        Some(b) => b.add_hole(offset, len),
+                        None => vec![(offset, len)],
+                    };
+                    let unchanged = len - changed.iter().map(|c| c.1).sum::<u64>();
+                    counters.skipped.fetch_add(unchanged, Ordering::Relaxed);
+                    for (offset, len) in changed {
+                        if let Some(b) = sink(Work::Hole { offset, len })? {
+                            pool.put(b);
+                        }
                     }
                 }
                 Step::Read { offset, len } => {
@@ -185,14 +299,20 @@ pub(crate) fn scan(
                 });
             }
             progress.fetch_add(n, Ordering::Relaxed);
-            let mut hashes = digest.is_some().then(Vec::new);
-            let runs = analyze(
+            let mut pages = (digest.is_some() || builder.is_some()).then(Vec::new);
+            let mut runs = analyze(
                 &buf.as_slice()[..len as usize],
                 cfg.detect_zero,
-                hashes.as_mut(),
+                pages.as_mut(),
             );
-            if let (Some(d), Some(h)) = (digest.as_mut(), hashes) {
-                d.add_hashes(offset, h);
+            if let (Some(b), Some(p)) = (builder.as_mut(), pages.as_ref()) {
+                let unchanged = b.add_read(offset, p);
+                if !unchanged.is_empty() {
+                    runs = mark_unchanged(&runs, &unchanged);
+                }
+            }
+            if let (Some(d), Some(p)) = (digest.as_mut(), pages) {
+                d.add_hashes(offset, p);
             }
             if let Some(b) = sink(Work::Data {
                 offset,
@@ -204,5 +324,8 @@ pub(crate) fn scan(
             }
         }
     }
-    Ok(digest.map(|d| d.finish().expect("every byte of the device was hashed")))
+    Ok(Scanned {
+        digest: digest.map(|d| d.finish().expect("every byte of the device was hashed")),
+        block_map: builder.map(|b| b.map),
+    })
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use volback_connectors::{AlignedBuf, BlockDevice, ErrorKind, IoOp, Returned, ZeroMode};
 
-use super::{CopyError, Counters, SparseMode, Work};
+use super::{CopyError, Counters, RunKind, SparseMode, Work};
 
 /// Zero runs inside a read shorter than this are written as data on a
 /// destination that is not known zero: one write beats write + write-zeroes.
@@ -177,26 +177,41 @@ impl Writer<'_> {
             } => {
                 corrupt_for_tests(offset, &mut buf.as_mut_slice()[..len]);
                 let buf = Arc::new(buf);
-                let dense = self.cfg.sparse == SparseMode::Never || runs.iter().all(|r| !r.zero);
+                let never = self.cfg.sparse == SparseMode::Never;
+                let dense = runs
+                    .iter()
+                    .all(|r| r.kind == RunKind::Data || (never && r.kind == RunKind::Zero));
                 if dense {
                     self.write(offset, &buf, 0, len);
                 } else {
                     // Data runs, and zero runs too short to be worth their own
-                    // request, are merged into as few writes as possible.
+                    // request, are merged into as few writes as possible;
+                    // unchanged runs are left alone.
                     let mut segment: Option<(usize, usize)> = None;
                     for r in &runs {
-                        let separate =
-                            r.zero && (self.cfg.destination_is_zero || r.len >= MIN_ZEROING_OP);
-                        if separate {
-                            if let Some((s, l)) = segment.take() {
-                                self.write(offset, &buf, s, l);
+                        let alone = match r.kind {
+                            RunKind::Data => false,
+                            RunKind::Zero => {
+                                !never && (self.cfg.destination_is_zero || r.len >= MIN_ZEROING_OP)
                             }
-                            self.zero(offset + r.start as u64, r.len as u64);
-                        } else {
+                            RunKind::Unchanged => true,
+                        };
+                        if !alone {
                             segment = Some(match segment {
                                 Some((s, l)) => (s, l + r.len),
                                 None => (r.start, r.len),
                             });
+                            continue;
+                        }
+                        if let Some((s, l)) = segment.take() {
+                            self.write(offset, &buf, s, l);
+                        }
+                        if r.kind == RunKind::Unchanged {
+                            self.counters
+                                .skipped
+                                .fetch_add(r.len as u64, Ordering::Relaxed);
+                        } else {
+                            self.zero(offset + r.start as u64, r.len as u64);
                         }
                     }
                     if let Some((s, l)) = segment {
