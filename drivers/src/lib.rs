@@ -87,6 +87,13 @@ pub struct ConnectionInfo {
     pub read_only: bool,
 }
 
+/// A byte range of a volume: `len` bytes from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// A volume driver. Pool names are the ones configured for the backend.
 pub trait VolumeDriver: Send + Sync {
     /// The driver's kind, as written in the configuration ("file").
@@ -122,6 +129,13 @@ pub trait VolumeDriver: Send + Sync {
         snapshot_id: &str,
     ) -> Result<SnapshotInfo>;
 
+    /// Whether this pool can take snapshots (restore points for
+    /// incremental backups). A backend without them gets one full volume
+    /// per backup.
+    fn supports_snapshots(&self, _pool: &str) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Deletes a snapshot; one that does not exist is not an error.
     fn delete_snapshot(&self, pool: &str, snapshot_id: &str) -> Result<()>;
 
@@ -146,4 +160,29 @@ pub trait VolumeDriver: Send + Sync {
 
     /// Whether something outside volback's current operation uses the volume.
     fn in_use(&self, pool: &str, id: &str) -> Result<bool>;
+
+    /// Whether [`VolumeDriver::changed_ranges`] can answer for snapshots
+    /// made in `pool` from now on, so the engine knows up front whether
+    /// keeping a backup's source snapshot will pay off.
+    fn supports_change_tracking(&self, pool: &str) -> Result<bool> {
+        let _ = pool;
+        Ok(false)
+    }
+
+    /// Ranges of `to_snapshot` that may differ from `from_snapshot` (both
+    /// snapshots of the same volume), from the backend's own change tracking;
+    /// `None` when the backend cannot tell (the caller then compares data).
+    /// Ranges outside the result are guaranteed equal in both snapshots.
+    /// A snapshot size change is the caller's concern (it forces a full copy).
+    ///
+    /// The ranges are sorted, disjoint and non-adjacent.
+    fn changed_ranges(
+        &self,
+        pool: &str,
+        from_snapshot: &str,
+        to_snapshot: &str,
+    ) -> Result<Option<Vec<ChangedRange>>> {
+        let _ = (pool, from_snapshot, to_snapshot);
+        Ok(None)
+    }
 }

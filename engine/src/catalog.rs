@@ -86,13 +86,39 @@ pub struct BackupRecord {
     pub parent_id: Option<String>,
     /// Taken from a temporary snapshot of the source.
     pub from_snapshot: bool,
-    /// XXH3-128 checksum of the data, "xxh3-128:<hex>".
+    /// The target snapshot that is this backup's restore point (None on a
+    /// target without snapshots: the whole target volume is the backup).
+    pub target_snapshot_id: Option<String>,
+    /// The source snapshot kept for the next incremental's change tracking.
+    pub source_snapshot_id: Option<String>,
+    /// "full" or "incremental".
+    pub mode: String,
+    /// How changes were found: "full", "driver" or "hash-map".
+    pub change_tracking: String,
+    /// Why a full copy was made when an incremental was asked for.
+    pub note: Option<String>,
+    /// Block size of the checksum map.
+    pub map_block_size: u64,
+    /// Checksum of the block map, "map-xxh3-128:<block size>:<hex>".
     pub checksum: Option<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub created_at: u64,
     pub completed_at: Option<u64>,
     pub error: Option<String>,
+}
+
+/// What a finished backup leaves in the catalog.
+pub struct CompletedBackup<'a> {
+    pub id: &'a str,
+    pub change_tracking: &'a str,
+    pub checksum: &'a str,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub target_snapshot_id: Option<&'a str>,
+    pub source_snapshot_id: Option<&'a str>,
+    pub block_map: &'a [u8],
+    pub parent_forgets_source_snapshot: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +212,12 @@ CREATE TABLE IF NOT EXISTS backups (
     target_backend TEXT NOT NULL,
     target_pool TEXT NOT NULL,
     target_volume_id TEXT NOT NULL,
+    target_snapshot_id TEXT,
+    source_snapshot_id TEXT,
+    mode TEXT NOT NULL,
+    change_tracking TEXT NOT NULL,
+    note TEXT,
+    map_block_size INTEGER NOT NULL,
     parent_id TEXT,
     from_snapshot INTEGER NOT NULL,
     checksum TEXT,
@@ -213,6 +245,17 @@ CREATE TABLE IF NOT EXISTS resources (
     object_id TEXT NOT NULL,
     keep_on_success INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('planned','created','removed'))
+);
+CREATE TABLE IF NOT EXISTS block_maps (
+    backup_id TEXT PRIMARY KEY,
+    map BLOB NOT NULL
+);
+-- Destination volumes an interrupted incremental may have written into:
+-- they no longer equal their last restore point, so the next backup of
+-- their chain is a full one onto a new volume.
+CREATE TABLE IF NOT EXISTS tainted_volumes (
+    volume_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
 );
 ";
 
@@ -312,8 +355,10 @@ impl Catalog {
             .execute(
                 "INSERT INTO backups (id, state, volume_id, volume_name, volume_size, volume_backend, volume_pool,
                     volume_metadata, target_backend, target_pool, target_volume_id, parent_id, from_snapshot,
-                    checksum, bytes_read, bytes_written, created_at, completed_at, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                    checksum, bytes_read, bytes_written, created_at, completed_at, error,
+                    target_snapshot_id, source_snapshot_id, mode, change_tracking, note, map_block_size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                    ?20, ?21, ?22, ?23, ?24, ?25)",
                 params![
                     b.id,
                     b.state.as_str(),
@@ -334,6 +379,12 @@ impl Catalog {
                     b.created_at as i64,
                     b.completed_at.map(|t| t as i64),
                     b.error,
+                    b.target_snapshot_id,
+                    b.source_snapshot_id,
+                    b.mode,
+                    b.change_tracking,
+                    b.note,
+                    b.map_block_size as i64,
                 ],
             )
             .map_err(|e| self.sql(e))?;
@@ -399,17 +450,12 @@ impl Catalog {
         Ok(n == 1)
     }
 
-    /// Marks a backup available with its results and ends its operation, in
-    /// one transaction: the catalog never shows an available backup whose
-    /// operation still looks unfinished, nor the reverse.
-    pub fn complete_backup(
-        &mut self,
-        id: &str,
-        operation_id: &str,
-        checksum: &str,
-        bytes_read: u64,
-        bytes_written: u64,
-    ) -> Result<()> {
+    /// Marks a backup available with its results, its block map and its
+    /// change tracking, in one transaction (a backup is never available
+    /// without its map). The parent named in `parent_forgets_source_snapshot`
+    /// stops pointing at its source snapshot, which the caller then deletes
+    /// within the same still-open operation (so a crash cannot leak it).
+    pub fn complete_backup(&mut self, done: &CompletedBackup<'_>) -> Result<()> {
         let path = self.path.display().to_string();
         let sql = |source| CatalogError::Sql {
             path: path.clone(),
@@ -418,13 +464,86 @@ impl Catalog {
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
             "UPDATE backups SET state = 'available', checksum = ?2, bytes_read = ?3, bytes_written = ?4,
-                completed_at = ?5, error = NULL WHERE id = ?1",
-            params![id, checksum, bytes_read as i64, bytes_written as i64, now() as i64],
+                completed_at = ?5, error = NULL, target_snapshot_id = ?6, source_snapshot_id = ?7,
+                change_tracking = ?8 WHERE id = ?1",
+            params![
+                done.id,
+                done.checksum,
+                done.bytes_read as i64,
+                done.bytes_written as i64,
+                now() as i64,
+                done.target_snapshot_id,
+                done.source_snapshot_id,
+                done.change_tracking
+            ],
         )
         .map_err(sql)?;
-        tx.execute("DELETE FROM operations WHERE id = ?1", [operation_id])
+        tx.execute(
+            "INSERT OR REPLACE INTO block_maps (backup_id, map) VALUES (?1, ?2)",
+            params![done.id, done.block_map],
+        )
+        .map_err(sql)?;
+        if let Some(parent) = done.parent_forgets_source_snapshot {
+            tx.execute(
+                "UPDATE backups SET source_snapshot_id = NULL WHERE id = ?1",
+                [parent],
+            )
             .map_err(sql)?;
+        }
         tx.commit().map_err(sql)
+    }
+
+    pub fn block_map(&self, backup_id: &str) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row(
+                "SELECT map FROM block_maps WHERE backup_id = ?1",
+                [backup_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    pub fn set_block_map(&self, backup_id: &str, map: &[u8]) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO block_maps (backup_id, map) VALUES (?1, ?2)",
+                params![backup_id, map],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn taint_volume(&self, volume_id: &str, reason: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO tainted_volumes (volume_id, reason) VALUES (?1, ?2)",
+                [volume_id, reason],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Why the volume cannot take an incremental, if it was tainted.
+    pub fn volume_taint(&self, volume_id: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT reason FROM tainted_volumes WHERE volume_id = ?1",
+                [volume_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    pub fn untaint_volume(&self, volume_id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM tainted_volumes WHERE volume_id = ?1",
+                [volume_id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 
     pub fn delete_backup(&self, id: &str) -> Result<()> {
@@ -580,7 +699,8 @@ impl Operation {
 
 const BACKUP_SELECT: &str = "SELECT id, state, volume_id, volume_name, volume_size, volume_backend, volume_pool,
     volume_metadata, target_backend, target_pool, target_volume_id, parent_id, from_snapshot, checksum,
-    bytes_read, bytes_written, created_at, completed_at, error FROM backups";
+    bytes_read, bytes_written, created_at, completed_at, error, target_snapshot_id, source_snapshot_id, mode,
+    change_tracking, note, map_block_size FROM backups";
 
 type RowResult<T> = rusqlite::Result<std::result::Result<T, String>>;
 
@@ -614,6 +734,12 @@ fn backup_from_row(r: &rusqlite::Row<'_>) -> RowResult<BackupRecord> {
         created_at: r.get::<_, i64>(16)? as u64,
         completed_at: r.get::<_, Option<i64>>(17)?.map(|t| t as u64),
         error: r.get(18)?,
+        target_snapshot_id: r.get(19)?,
+        source_snapshot_id: r.get(20)?,
+        mode: r.get(21)?,
+        change_tracking: r.get(22)?,
+        note: r.get(23)?,
+        map_block_size: r.get::<_, i64>(24)? as u64,
     }))
 }
 
@@ -658,6 +784,12 @@ mod tests {
             target_backend: "backup".into(),
             target_pool: "vault".into(),
             target_volume_id: "t1".into(),
+            target_snapshot_id: None,
+            source_snapshot_id: Some("s0".into()),
+            mode: "full".into(),
+            change_tracking: "full".into(),
+            note: None,
+            map_block_size: 65536,
             parent_id: None,
             from_snapshot: true,
             checksum: None,
@@ -709,12 +841,26 @@ mod tests {
                     .collect::<Vec<_>>(),
                 ["t1", "s1"]
             );
-            c.complete_backup("b1", &op_id, "xxh3-128:00", 10, 20)
-                .unwrap();
+            c.complete_backup(&CompletedBackup {
+                id: "b1",
+                change_tracking: "full",
+                checksum: "map-xxh3-128:65536:00",
+                bytes_read: 10,
+                bytes_written: 20,
+                target_snapshot_id: Some("ts1"),
+                source_snapshot_id: Some("s1"),
+                block_map: &[1, 2, 3],
+                parent_forgets_source_snapshot: None,
+            })
+            .unwrap();
             let b = c.get_backup("b1").unwrap();
             assert_eq!(b.state, BackupState::Available);
             assert_eq!((b.bytes_read, b.bytes_written), (10, 20));
+            assert_eq!(b.target_snapshot_id.as_deref(), Some("ts1"));
+            assert_eq!(b.source_snapshot_id.as_deref(), Some("s1"));
+            assert_eq!(c.block_map("b1").unwrap(), Some(vec![1, 2, 3]));
             assert_eq!(b.volume_metadata.get("k").map(String::as_str), Some("v"));
+            c.end_operation(&op_id).unwrap();
             assert!(c.operations().unwrap().is_empty());
             assert!(
                 c.live_resources(&op_id).unwrap().is_empty(),

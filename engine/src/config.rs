@@ -435,6 +435,9 @@ pub struct BackupPolicy {
     /// Bytes per second, None for no limit.
     pub bwlimit: Option<u64>,
     pub copy: CopySettings,
+    /// Block size of every backup's checksum map (the hash-map change
+    /// tracking granularity). Changing it forces the next backup full.
+    pub map_block_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -700,6 +703,8 @@ struct RawBackup {
     bwlimit: Option<Value>,
     #[serde(default)]
     copy: Option<RawCopy>,
+    #[serde(default)]
+    map_block_size: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -874,6 +879,23 @@ fn parse_config(yaml: &str, base_dir: &Path, file: &str) -> Result<Config, Confi
             copy.verify = v;
         }
     }
+    let mut map_block_size = crate::copy::DEFAULT_MAP_BLOCK;
+    if let Some(v) = rb.map_block_size.filter(|v| !v.is_null()) {
+        map_block_size = size_value(&v, "backup.map_block_size", file)?;
+        if map_block_size == 0
+            || map_block_size % BLOCK_SIZE_ALIGN != 0
+            || copy.block_size % map_block_size != 0
+        {
+            return Err(ConfigError::BadSize {
+                file: file.into(),
+                key: "backup.map_block_size".into(),
+                message: format!(
+                    "{map_block_size} must be a multiple of {BLOCK_SIZE_ALIGN} that divides backup.copy.block_size ({})",
+                    copy.block_size
+                ),
+            });
+        }
+    }
     Ok(Config {
         backends,
         backup: BackupPolicy {
@@ -881,6 +903,7 @@ fn parse_config(yaml: &str, base_dir: &Path, file: &str) -> Result<Config, Confi
             catalog,
             bwlimit,
             copy,
+            map_block_size,
         },
     })
 }

@@ -193,6 +193,8 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
                 volume: vol.id.clone(),
                 target: None,
                 snapshot: false,
+                incremental: false,
+                parent: None,
             },
             &mut |_| {},
         )

@@ -12,7 +12,7 @@ use volback_engine::config::{Config, PoolRef};
 use volback_engine::copy::{self, CopyOptions, SparseMode};
 use volback_engine::devices;
 use volback_engine::progress::{ProgressMode, Reporter};
-use volback_engine::service::{BackupRequest, RestoreTarget, Service};
+use volback_engine::service::{BackupRequest, KeepPolicy, RestoreTarget, Service};
 use volback_engine::units::{human, parse_bytes};
 
 #[derive(Parser)]
@@ -108,12 +108,44 @@ enum BackupCmd {
         /// Read from a temporary snapshot even if the volume is not in use.
         #[arg(long)]
         snapshot: bool,
+        /// Copy only what changed since the newest available backup of the
+        /// volume on the target (a full backup is made, and said, when none
+        /// can be built on).
+        #[arg(long)]
+        incremental: bool,
+        /// Copy only what changed since this backup.
+        #[arg(long)]
+        parent: Option<String>,
         #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
         progress: ProgressMode,
         #[arg(long)]
         json: bool,
     },
     List(JsonFlag),
+    /// Re-read a backup's restore point and check it against its checksum map.
+    Verify {
+        id: String,
+        #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+        progress: ProgressMode,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the backups of a volume that a retention policy does not keep.
+    Prune {
+        /// BACKEND:POOL/ID or ID of the volume
+        volume: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     Show {
         id: String,
         #[arg(long)]
@@ -393,6 +425,21 @@ fn print_backup(b: &BackupRecord, json: bool) {
             b.target_backend, b.target_pool, b.target_volume_id
         );
         println!("  from snapshot: {}", b.from_snapshot);
+        match (&b.parent_id, b.mode.as_str()) {
+            (Some(p), "incremental") => {
+                println!(
+                    "  mode:    incremental on {p} (changes found by {})",
+                    tracking_name(&b.change_tracking)
+                )
+            }
+            _ => println!("  mode:    full"),
+        }
+        if let Some(n) = &b.note {
+            println!("  note:    full backup because {n}");
+        }
+        if let Some(s) = &b.target_snapshot_id {
+            println!("  restore point: snapshot {s}");
+        }
         if let Some(c) = &b.checksum {
             println!("  checksum: {c}");
         }
@@ -410,6 +457,14 @@ fn print_backup(b: &BackupRecord, json: bool) {
     }
 }
 
+fn tracking_name(t: &str) -> &str {
+    match t {
+        "driver" => "the source driver's change tracking",
+        "hash-map" => "comparing block hashes with the parent's map",
+        other => other,
+    }
+}
+
 fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
     let e = |e: volback_engine::service::ServiceError| e.to_string();
     match cmd {
@@ -417,6 +472,8 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
             volume,
             to,
             snapshot,
+            incremental,
+            parent,
             progress,
             json,
         } => {
@@ -429,6 +486,8 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
                 volume,
                 target: to,
                 snapshot,
+                incremental,
+                parent,
             };
             let result = s.backup(&req, &mut |p| reporter.update(p));
             reporter.close();
@@ -458,6 +517,61 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
             }
         }
         BackupCmd::Show { id, json } => print_backup(&s.show_backup(&id).map_err(e)?, json),
+        BackupCmd::Verify { id, progress, json } => {
+            let mut reporter = Reporter::new(if json && progress == ProgressMode::Auto {
+                ProgressMode::None
+            } else {
+                progress
+            });
+            let result = s.verify_backup(&id, &mut |p| reporter.update(p));
+            reporter.close();
+            let v = result.map_err(e)?;
+            if json {
+                println!("{}", serde_json::to_string(&v).expect("serializes"));
+            } else {
+                println!(
+                    "backup {} verified: {} read, matches its checksum map ({})",
+                    v.backup,
+                    human(v.bytes),
+                    v.checksum
+                );
+            }
+        }
+        BackupCmd::Prune {
+            volume,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            dry_run,
+            json,
+        } => {
+            if keep_last + keep_daily + keep_weekly == 0 {
+                return Err(
+                    "prune needs at least one of --keep-last, --keep-daily, --keep-weekly \
+                            (refusing to delete every backup)"
+                        .into(),
+                );
+            }
+            let policy = KeepPolicy {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+            };
+            let p = s.prune(&volume, policy, dry_run).map_err(e)?;
+            if json {
+                println!("{}", serde_json::to_string(&p).expect("serializes"));
+            } else {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!(
+                    "kept {} backup(s), {verb} {}",
+                    p.kept.len(),
+                    p.deleted.len()
+                );
+                for id in &p.deleted {
+                    println!("  {verb} {id}");
+                }
+            }
+        }
         BackupCmd::Delete { id } => {
             s.delete_backup(&id).map_err(e)?;
             println!("deleted backup {id}");

@@ -79,7 +79,7 @@ pub fn decode(text: &str) -> Result<Payload, String> {
     let b = &env.payload.backup;
     if b.checksum
         .as_deref()
-        .is_none_or(|c| !c.starts_with("xxh3-128:"))
+        .is_none_or(|c| !c.starts_with("map-xxh3-128:"))
     {
         return Err("record has no data checksum".into());
     }
@@ -108,9 +108,15 @@ mod tests {
                 target_backend: "bk".into(),
                 target_pool: "vault".into(),
                 target_volume_id: "t".into(),
+                target_snapshot_id: Some("ts".into()),
+                source_snapshot_id: None,
+                mode: "full".into(),
+                change_tracking: "full".into(),
+                note: None,
+                map_block_size: 4096,
                 parent_id: None,
                 from_snapshot: false,
-                checksum: Some("xxh3-128:00".into()),
+                checksum: Some("map-xxh3-128:4096:00".into()),
                 bytes_read: 1,
                 bytes_written: 1,
                 created_at: 1,

@@ -13,8 +13,8 @@ use crate::catalog::{
     self, BackupRecord, BackupState, Catalog, CatalogError, Operation, ResourceKind, VolumeRecord,
 };
 use crate::config::{ConfigError, Loaded, PoolRef};
-use crate::copy::{self, CopyError, CopyOptions, CopyReport, Progress};
-use crate::{devices, record};
+use crate::copy::{self, CopyError, CopyOptions, CopyReport, MapPlan, Progress};
+use crate::devices;
 
 /// A failed flow. The layers' errors are boxed: they carry context
 /// (paths, names, offsets) and would otherwise make every Result large.
@@ -62,36 +62,21 @@ boxed_from!(
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
+mod backup;
+mod prune;
+mod records;
+mod restore;
+
+pub use backup::BackupRequest;
+pub use prune::{KeepPolicy, Pruned};
+pub use restore::{RestoreOutcome, RestoreTarget};
+
 /// Where a volume lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeLocation {
     pub backend: String,
     pub pool: String,
     pub id: String,
-}
-
-pub struct BackupRequest {
-    /// `BACKEND:POOL/ID` or an id volback knows.
-    pub volume: String,
-    pub target: Option<PoolRef>,
-    /// Back up from a temporary snapshot even if the volume is not in use.
-    pub snapshot: bool,
-}
-
-pub enum RestoreTarget {
-    /// A new volume on this pool (default: the source volume's pool).
-    New {
-        pool: Option<PoolRef>,
-        name: Option<String>,
-    },
-    /// Overwrite an existing volume (`force` confirms it).
-    Existing { volume: String, force: bool },
-}
-
-#[derive(Debug, Clone)]
-pub struct RestoreOutcome {
-    pub volume: VolumeLocation,
-    pub report: CopyReport,
 }
 
 /// What recovery did.
@@ -253,147 +238,6 @@ impl Service {
         Ok(loc)
     }
 
-    // --- backups -------------------------------------------------------
-
-    /// Backs a volume up onto a new volume of the target pool.
-    pub fn backup(
-        &mut self,
-        req: &BackupRequest,
-        progress: &mut dyn FnMut(&Progress),
-    ) -> Result<BackupRecord> {
-        self.recover()?;
-        let (src, info) = self.locate_volume(&req.volume)?;
-        let target = match &req.target {
-            Some(t) => t.clone(),
-            None => self.config.target_for(&src.backend)?,
-        };
-        let source_pool = PoolRef {
-            backend: src.backend.clone(),
-            pool: src.pool.clone(),
-        };
-        self.config.check_not_same_pool(&source_pool, &target)?;
-        let src_driver = self.driver(&src.backend)?;
-        let dst_driver = self.driver(&target.backend)?;
-        let in_use = src_driver.in_use(&src.pool, &src.id)?;
-        let use_snapshot = in_use || req.snapshot;
-
-        let mut metadata = info.metadata.clone();
-        metadata.insert("volback.source_volume".into(), src.id.clone());
-        let record = BackupRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            state: BackupState::Creating,
-            volume_id: src.id.clone(),
-            volume_name: info.name.clone(),
-            volume_size: info.size,
-            volume_backend: src.backend.clone(),
-            volume_pool: src.pool.clone(),
-            volume_metadata: info.metadata.clone(),
-            target_backend: target.backend.clone(),
-            target_pool: target.pool.clone(),
-            target_volume_id: uuid::Uuid::new_v4().to_string(),
-            parent_id: None,
-            from_snapshot: use_snapshot,
-            checksum: None,
-            bytes_read: 0,
-            bytes_written: 0,
-            created_at: catalog::now(),
-            completed_at: None,
-            error: None,
-        };
-        self.catalog.insert_backup(&record)?;
-        let op = self.catalog.begin_operation("backup", Some(&record.id))?;
-        tracing::info!(backup = %record.id, volume = %src.id, target = %target, use_snapshot, "backup starting");
-
-        let mut run = || -> Result<CopyReport> {
-            fail::fail_point!("backup_start", |_| crash("backup_start"));
-            let source_target = if use_snapshot {
-                let snap = uuid::Uuid::new_v4().to_string();
-                let rid = self.catalog.plan_resource(
-                    &op.id,
-                    ResourceKind::Snapshot,
-                    &src.backend,
-                    &src.pool,
-                    &snap,
-                    false,
-                )?;
-                src_driver.create_snapshot(&src.pool, &src.id, &snap)?;
-                self.catalog.set_resource_state(rid, "created")?;
-                fail::fail_point!("backup_after_snapshot", |_| crash("backup_after_snapshot"));
-                ExportTarget::Snapshot(snap)
-            } else {
-                ExportTarget::Volume(src.id.clone())
-            };
-            let rid = self.catalog.plan_resource(
-                &op.id,
-                ResourceKind::Volume,
-                &target.backend,
-                &target.pool,
-                &record.target_volume_id,
-                true,
-            )?;
-            dst_driver.create_volume(
-                &target.pool,
-                &record.target_volume_id,
-                &format!("backup-{}", record.id),
-                info.size,
-                &metadata,
-            )?;
-            self.catalog.set_resource_state(rid, "created")?;
-            let source_conn = self.export(
-                &op,
-                &src_driver,
-                &src.backend,
-                &src.pool,
-                &source_target,
-                true,
-            )?;
-            let dest_target = ExportTarget::Volume(record.target_volume_id.clone());
-            let dest_conn = self.export(
-                &op,
-                &dst_driver,
-                &target.backend,
-                &target.pool,
-                &dest_target,
-                false,
-            )?;
-            fail::fail_point!("backup_before_copy", |_| crash("backup_before_copy"));
-            let report = self.copy(&op, &source_conn, &dest_conn, true, false, progress)?;
-            fail::fail_point!("backup_after_copy", |_| crash("backup_after_copy"));
-            // Tear down everything temporary; the destination volume stays.
-            self.undo(&op, true)?;
-            Ok(report)
-        };
-        match run() {
-            Ok(report) => {
-                let checksum = report
-                    .digest
-                    .map(|d| format!("xxh3-128:{d:032x}"))
-                    .unwrap_or_default();
-                self.catalog.complete_backup(
-                    &record.id,
-                    &op.id,
-                    &checksum,
-                    report.bytes_read,
-                    report.bytes_written,
-                )?;
-                tracing::info!(backup = %record.id, "backup available");
-                Ok(self.catalog.get_backup(&record.id)?)
-            }
-            Err(e) => {
-                tracing::warn!(backup = %record.id, error = %e, "backup failed; removing what it created");
-                let cleanup = self.undo(&op, false);
-                self.catalog.set_backup_state(
-                    &record.id,
-                    BackupState::Error,
-                    Some(&e.to_string()),
-                )?;
-                self.catalog.end_operation(&op.id)?;
-                cleanup?;
-                Err(e)
-            }
-        }
-    }
-
     fn export(
         &self,
         op: &Operation,
@@ -415,26 +259,32 @@ impl Service {
         Ok(conn)
     }
 
+    /// The configured copy settings for one flow: whether the destination
+    /// is new (reads as zero), how to build the block map, whether to read
+    /// the destination back.
+    fn copy_options(&self, destination_is_zero: bool, plan: MapPlan, verify: bool) -> CopyOptions {
+        let configured = self.config.copy_options();
+        CopyOptions {
+            verify: verify || configured.verify,
+            destination_is_zero,
+            block_map: Some(plan),
+            ..configured
+        }
+    }
+
     /// Attaches both ends and runs the copy engine, recording progress.
     fn copy(
         &self,
         op: &Operation,
         source: &ConnectionInfo,
         destination: &ConnectionInfo,
-        destination_is_zero: bool,
-        verify: bool,
+        opts: &CopyOptions,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<CopyReport> {
-        let opts = CopyOptions {
-            checksum: true,
-            verify: verify || self.config.copy_options().verify,
-            destination_is_zero,
-            ..self.config.copy_options()
-        };
         let src = devices::attach(source, false, opts.queue_depth)?;
         let dst = devices::attach(destination, true, opts.queue_depth)?;
         let mut last_saved = std::time::Instant::now();
-        let copied = copy::copy(src, dst, &opts, &mut |p| {
+        let copied = copy::copy(src, dst, opts, &mut |p| {
             progress(p);
             if p.total > 0 && p.done * 2 >= p.total {
                 fail::fail_point!("copy_half_done", |_| crash("copy_half_done"));
@@ -486,27 +336,49 @@ impl Service {
                 continue;
             }
             tracing::warn!(operation = %op.id, kind = %op.kind, pid = op.pid, "recovering an interrupted operation");
-            out.resources_removed += self.undo(&op, false)?;
-            if let Some(b) = &op.backup_id {
-                match (op.kind.as_str(), self.catalog.get_backup(b)) {
-                    ("backup", Ok(rec)) if rec.state == BackupState::Creating => {
-                        self.catalog.set_backup_state(
-                            b,
-                            BackupState::Error,
-                            Some("interrupted (volback was killed); its partial volume was removed by recovery"),
-                        )?;
-                        out.backups_marked_error.push(b.clone());
-                    }
-                    ("restore", Ok(rec)) if rec.state == BackupState::Restoring => {
-                        self.catalog
-                            .set_backup_state(b, BackupState::Available, None)?;
-                    }
-                    ("delete", Ok(_)) => {
-                        self.catalog.delete_backup(b)?;
-                        out.backups_deleted.push(b.clone());
-                    }
-                    _ => {}
+            let record = op.backup_id.as_deref().map(|b| self.catalog.get_backup(b));
+            match (op.kind.as_str(), record) {
+                // Killed after the backup became available (while deleting its
+                // parent's old source snapshot): keep what it made.
+                ("backup", Some(Ok(rec))) if rec.state == BackupState::Available => {
+                    out.resources_removed += self.undo(&op, true)?;
                 }
+                ("backup", Some(Ok(rec))) => {
+                    out.resources_removed += self.undo(&op, false)?;
+                    if rec.mode == "incremental" {
+                        // It may have written part of its changes into the
+                        // chain's volume: the next backup there must be full.
+                        self.catalog.taint_volume(
+                            &rec.target_volume_id,
+                            &format!(
+                                "incremental backup {} was interrupted while writing into it",
+                                rec.id
+                            ),
+                        )?;
+                    }
+                    if rec.state == BackupState::Creating {
+                        self.catalog.set_backup_state(
+                            &rec.id,
+                            BackupState::Error,
+                            Some("interrupted (volback was killed); recovery removed what it had created"),
+                        )?;
+                        out.backups_marked_error.push(rec.id.clone());
+                    }
+                }
+                ("restore", Some(Ok(rec))) => {
+                    out.resources_removed += self.undo(&op, false)?;
+                    if rec.state == BackupState::Restoring {
+                        self.catalog
+                            .set_backup_state(&rec.id, BackupState::Available, None)?;
+                    }
+                }
+                ("delete", Some(Ok(rec))) => {
+                    out.resources_removed += self.undo(&op, false)?;
+                    self.catalog.untaint_volume(&rec.target_volume_id)?;
+                    self.catalog.delete_backup(&rec.id)?;
+                    out.backups_deleted.push(rec.id.clone());
+                }
+                _ => out.resources_removed += self.undo(&op, false)?,
             }
             self.catalog.end_operation(&op.id)?;
             out.operations += 1;
@@ -523,16 +395,19 @@ impl Service {
     }
 
     /// Deletes a backup and the volume holding its data.
+    /// Deletes a backup: its restore point, the source snapshot it kept
+    /// for change tracking, and the destination volume if no other backup
+    /// uses it. Other backups of the chain stay complete restore points.
     pub fn delete_backup(&mut self, id: &str) -> Result<()> {
         self.recover()?;
         let b = self.catalog.get_backup(id)?;
-        let claimed = [BackupState::Available, BackupState::Error]
-            .into_iter()
-            .any(|from| {
-                self.catalog
-                    .transition_backup(id, from, BackupState::Deleting)
-                    .unwrap_or(false)
-            });
+        let mut claimed = false;
+        for from in [BackupState::Available, BackupState::Error] {
+            claimed = claimed
+                || self
+                    .catalog
+                    .transition_backup(id, from, BackupState::Deleting)?;
+        }
         if !claimed {
             return Err(ServiceError::WrongState {
                 id: id.into(),
@@ -541,278 +416,60 @@ impl Service {
             });
         }
         let op = self.catalog.begin_operation("delete", Some(id))?;
-        // Recorded as created: if we die half way, recovery finishes the job.
-        let rid = self.catalog.plan_resource(
-            &op.id,
-            ResourceKind::Volume,
-            &b.target_backend,
-            &b.target_pool,
-            &b.target_volume_id,
-            false,
-        )?;
-        self.catalog.set_resource_state(rid, "created")?;
+        // Everything is recorded as existing first: if we die half way,
+        // recovery finishes the job. Undo goes newest first, so snapshots
+        // go before the volume they belong to.
+        let volume_shared = self
+            .catalog
+            .list_backups()?
+            .iter()
+            .any(|o| o.id != b.id && o.target_volume_id == b.target_volume_id);
+        let mut doomed = Vec::new();
+        if !volume_shared {
+            doomed.push((
+                ResourceKind::Volume,
+                &b.target_backend,
+                &b.target_pool,
+                b.target_volume_id.clone(),
+            ));
+        }
+        if let Some(s) = &b.target_snapshot_id {
+            doomed.push((
+                ResourceKind::Snapshot,
+                &b.target_backend,
+                &b.target_pool,
+                s.clone(),
+            ));
+        }
+        if let Some(s) = &b.source_snapshot_id {
+            doomed.push((
+                ResourceKind::Snapshot,
+                &b.volume_backend,
+                &b.volume_pool,
+                s.clone(),
+            ));
+        }
+        for (kind, backend, pool, object) in doomed {
+            let rid = self
+                .catalog
+                .plan_resource(&op.id, kind, backend, pool, &object, false)?;
+            self.catalog.set_resource_state(rid, "created")?;
+        }
         let driver = self.driver(&b.target_backend)?;
         driver.unexport(
             &b.target_pool,
             &ExportTarget::Volume(b.target_volume_id.clone()),
         )?;
-        driver.delete_volume(&b.target_pool, &b.target_volume_id)?;
-        self.catalog.set_resource_state(rid, "removed")?;
+        if let Some(s) = &b.target_snapshot_id {
+            driver.unexport(&b.target_pool, &ExportTarget::Snapshot(s.clone()))?;
+        }
+        self.undo(&op, false)?;
+        if !volume_shared {
+            self.catalog.untaint_volume(&b.target_volume_id)?;
+        }
         self.catalog.delete_backup(id)?;
         self.catalog.end_operation(&op.id)?;
         Ok(())
-    }
-
-    /// Restores a backup to a new volume or onto an existing one.
-    pub fn restore(
-        &mut self,
-        id: &str,
-        target: &RestoreTarget,
-        verify: bool,
-        progress: &mut dyn FnMut(&Progress),
-    ) -> Result<RestoreOutcome> {
-        self.recover()?;
-        let b = self.catalog.get_backup(id)?;
-        if !self
-            .catalog
-            .transition_backup(id, BackupState::Available, BackupState::Restoring)?
-        {
-            return Err(ServiceError::WrongState {
-                id: id.into(),
-                state: b.state.as_str(),
-                wanted: "only an available backup can be restored",
-            });
-        }
-        let op = self.catalog.begin_operation("restore", Some(id))?;
-        let mut run = || -> Result<RestoreOutcome> {
-            let (dest, new) = match target {
-                RestoreTarget::New { pool, name } => {
-                    let pool = pool.clone().unwrap_or(PoolRef {
-                        backend: b.volume_backend.clone(),
-                        pool: b.volume_pool.clone(),
-                    });
-                    let vid = uuid::Uuid::new_v4().to_string();
-                    let rid = self.catalog.plan_resource(
-                        &op.id,
-                        ResourceKind::Volume,
-                        &pool.backend,
-                        &pool.pool,
-                        &vid,
-                        true,
-                    )?;
-                    let name = name
-                        .clone()
-                        .unwrap_or_else(|| format!("restore-of-{}", b.volume_name));
-                    let info = self.driver(&pool.backend)?.create_volume(
-                        &pool.pool,
-                        &vid,
-                        &name,
-                        b.volume_size,
-                        &b.volume_metadata,
-                    )?;
-                    self.catalog.set_resource_state(rid, "created")?;
-                    self.record_volume(&pool.backend, &info)?;
-                    (
-                        VolumeLocation {
-                            backend: pool.backend,
-                            pool: pool.pool,
-                            id: vid,
-                        },
-                        true,
-                    )
-                }
-                RestoreTarget::Existing { volume, force } => {
-                    let (loc, info) = self.locate_volume(volume)?;
-                    if info.size < b.volume_size {
-                        return Err(ServiceError::Invalid(format!(
-                            "volume {} ({} bytes) is smaller than backup {} ({} bytes)",
-                            loc.id, info.size, b.id, b.volume_size
-                        )));
-                    }
-                    if !force {
-                        return Err(ServiceError::Invalid(format!(
-                            "restoring onto existing volume {} overwrites it: add --force to confirm",
-                            loc.id
-                        )));
-                    }
-                    if self.driver(&loc.backend)?.in_use(&loc.pool, &loc.id)? {
-                        tracing::warn!(volume = %loc.id, "restoring onto a volume in use (--force)");
-                    }
-                    (loc, false)
-                }
-            };
-            let src_driver = self.driver(&b.target_backend)?;
-            let dst_driver = self.driver(&dest.backend)?;
-            let source_target = ExportTarget::Volume(b.target_volume_id.clone());
-            let source_conn = self.export(
-                &op,
-                &src_driver,
-                &b.target_backend,
-                &b.target_pool,
-                &source_target,
-                true,
-            )?;
-            let dest_target = ExportTarget::Volume(dest.id.clone());
-            let dest_conn = self.export(
-                &op,
-                &dst_driver,
-                &dest.backend,
-                &dest.pool,
-                &dest_target,
-                false,
-            )?;
-            let report = self.copy(&op, &source_conn, &dest_conn, new, verify, progress)?;
-            if let (Some(expected), Some(got)) = (&b.checksum, report.digest) {
-                let got = format!("xxh3-128:{got:032x}");
-                if !expected.is_empty() && *expected != got {
-                    return Err(ServiceError::Invalid(format!(
-                        "backup {} data does not match its recorded checksum ({expected}, read {got})",
-                        b.id
-                    )));
-                }
-            }
-            self.undo(&op, true)?;
-            Ok(RestoreOutcome {
-                volume: dest,
-                report,
-            })
-        };
-        let result = run();
-        if let Err(e) = &result {
-            tracing::warn!(backup = %id, error = %e, "restore failed; removing what it created");
-            let cleanup = self.undo(&op, false);
-            if let Err(ce) = cleanup {
-                tracing::error!(error = %ce, "cleanup after a failed restore failed");
-            }
-        }
-        self.catalog
-            .set_backup_state(id, BackupState::Available, None)?;
-        self.catalog.end_operation(&op.id)?;
-        if let Err(ServiceError::Copy(_)) | Err(ServiceError::Device(_)) = &result {
-            if let RestoreTarget::Existing { volume, .. } = target {
-                tracing::error!(volume = %volume, "the existing volume was partially overwritten");
-            }
-        }
-        result
-    }
-}
-
-impl Service {
-    /// A self-contained record of an available backup (see [`crate::record`]).
-    pub fn export_record(&self, id: &str) -> Result<String> {
-        let b = self.catalog.get_backup(id)?;
-        if b.state != BackupState::Available {
-            return Err(ServiceError::WrongState {
-                id: id.into(),
-                state: b.state.as_str(),
-                wanted: "only an available backup can be exported",
-            });
-        }
-        let driver = self.driver(&b.target_backend)?;
-        let identity = driver.pool_identity(&b.target_pool)?;
-        Ok(record::encode(record::Payload {
-            target_driver: driver.kind().to_string(),
-            target_pool_identity: identity.0,
-            backup: b,
-        }))
-    }
-
-    /// Takes a record made by `export_record` (here or on another
-    /// installation that shares the backup storage). Nothing is written to
-    /// the catalog unless every check passes: the record is intact, the
-    /// backup is new here, its volume exists where it says with the right
-    /// size, and (with `check_data`) the data matches the record's checksum.
-    pub fn import_record(&mut self, text: &str, check_data: bool) -> Result<BackupRecord> {
-        self.recover()?;
-        let payload = record::decode(text).map_err(ServiceError::BadRecord)?;
-        let mut b = payload.backup;
-        if self.catalog.get_backup(&b.id).is_ok() {
-            return Err(ServiceError::BadRecord(format!(
-                "backup {} is already in the catalog",
-                b.id
-            )));
-        }
-        let driver = self
-            .driver(&b.target_backend)
-            .map_err(|e| ServiceError::BadRecord(e.to_string()))?;
-        if driver.kind() != payload.target_driver {
-            return Err(ServiceError::BadRecord(format!(
-                "backend {} is a {} backend here, the record says {}",
-                b.target_backend,
-                driver.kind(),
-                payload.target_driver
-            )));
-        }
-        let info = driver
-            .get_volume(&b.target_pool, &b.target_volume_id)
-            .map_err(|e| ServiceError::BadRecord(format!("its data volume is not here: {e}")))?;
-        if info.size != b.volume_size {
-            return Err(ServiceError::BadRecord(format!(
-                "its data volume {} has {} bytes, the record says {}",
-                b.target_volume_id, info.size, b.volume_size
-            )));
-        }
-        if check_data {
-            let expected = b.checksum.clone().unwrap_or_default();
-            let got = self.checksum_volume(
-                &b.target_backend,
-                &b.target_pool,
-                &b.target_volume_id,
-                b.volume_size,
-            )?;
-            if got != expected {
-                return Err(ServiceError::BadRecord(format!(
-                    "its data volume does not match the record's checksum ({expected}, read {got})"
-                )));
-            }
-        }
-        b.state = BackupState::Available;
-        b.error = None;
-        self.catalog.insert_backup(&b)?;
-        Ok(b)
-    }
-
-    /// Reads a volume through an export and returns its checksum.
-    fn checksum_volume(
-        &self,
-        backend: &str,
-        pool: &str,
-        volume_id: &str,
-        size: u64,
-    ) -> Result<String> {
-        let op = self.catalog.begin_operation("checksum", None)?;
-        let driver = self.driver(backend)?;
-        let run = || -> Result<String> {
-            let conn = self.export(
-                &op,
-                &driver,
-                backend,
-                pool,
-                &ExportTarget::Volume(volume_id.into()),
-                true,
-            )?;
-            let opts = self.config.copy_options();
-            let mut dev = devices::attach(&conn, false, opts.queue_depth)?;
-            if dev.size() < size {
-                return Err(ServiceError::Invalid(format!(
-                    "volume {volume_id} is smaller than {size} bytes"
-                )));
-            }
-            let counters = copy::Counters::default();
-            let digest = copy::checksum(
-                &mut *dev,
-                &opts,
-                size,
-                &counters,
-                std::time::Instant::now(),
-                &mut |_| {},
-            )?;
-            Ok(format!("xxh3-128:{digest:032x}"))
-        };
-        let result = run();
-        self.undo(&op, false)?;
-        self.catalog.end_operation(&op.id)?;
-        result
     }
 }
 
