@@ -4,6 +4,7 @@
 //! to a new volume, and a check of the restored filesystem (fsck and a
 //! file-by-file comparison).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -85,6 +86,104 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Every regular file under `root` with its content.
+fn capture(root: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>, DemoError> {
+    let mut out = BTreeMap::new();
+    for f in walk(root) {
+        if f.components().any(|c| c.as_os_str() == "lost+found") {
+            continue;
+        }
+        let data = std::fs::read(&f).map_err(|source| DemoError::Io {
+            what: format!("reading {}", f.display()),
+            source,
+        })?;
+        out.insert(
+            f.strip_prefix(root).expect("under the root").to_path_buf(),
+            data,
+        );
+    }
+    Ok(out)
+}
+
+fn describe(b: &crate::catalog::BackupRecord) {
+    let how = match (b.mode.as_str(), b.change_tracking.as_str()) {
+        ("incremental", "driver") => {
+            "incremental, changes from the driver's change tracking".to_string()
+        }
+        ("incremental", _) => "incremental, changes found by comparing block hashes".to_string(),
+        _ => "full".to_string(),
+    };
+    println!(
+        "    backup {} is {} ({how}): read {}, wrote {} of a {} volume",
+        b.id,
+        b.state.as_str(),
+        human(b.bytes_read),
+        human(b.bytes_written),
+        human(b.volume_size)
+    );
+}
+
+/// Restores a backup to a new volume on primary:silver (verified against
+/// the backup's checksum map), runs fsck on it, mounts it and compares
+/// every file with `expected`.
+fn check_restore(
+    svc: &mut Service,
+    backup: &str,
+    name: &str,
+    expected: &BTreeMap<PathBuf, Vec<u8>>,
+    dir: &Path,
+    scratch: &mut Scratch,
+) -> Result<(), DemoError> {
+    let err = |e: crate::service::ServiceError| DemoError::Step(e.to_string());
+    let silver = PoolRef {
+        backend: "primary".into(),
+        pool: "silver".into(),
+    };
+    let target = RestoreTarget::New {
+        pool: Some(silver),
+        name: Some(name.into()),
+    };
+    let restored = svc
+        .restore(backup, &target, true, &mut |_| {})
+        .map_err(err)?;
+    println!(
+        "    restored to primary:silver/{} in {:.2} s, read back and checked against the checksum map",
+        restored.volume.id,
+        restored.report.elapsed.as_secs_f64()
+    );
+    let (_, conn) = svc.attach_volume(&restored.volume.id).map_err(err)?;
+    let dev = conn.properties.get("path").cloned().unwrap_or_default();
+    sh(
+        "fsck.ext4",
+        Command::new("fsck.ext4").args(["-f", "-n", &dev]),
+    )?;
+    println!("    fsck.ext4 -f -n: clean");
+    let mnt = dir.join("mnt/restored");
+    sh(
+        "mount",
+        Command::new("mount").args(["-o", "ro"]).arg(&dev).arg(&mnt),
+    )?;
+    scratch.mounts.push(mnt.clone());
+    let got = capture(&mnt)?;
+    sh("umount", Command::new("umount").arg(&mnt))?;
+    scratch.mounts.pop();
+    svc.detach_volume(&restored.volume.id).map_err(err)?;
+    if let Some(f) = expected.keys().find(|f| got.get(*f) != expected.get(*f)) {
+        return Err(DemoError::Step(format!(
+            "restored file {} differs from the original",
+            f.display()
+        )));
+    }
+    if let Some(f) = got.keys().find(|f| !expected.contains_key(*f)) {
+        return Err(DemoError::Step(format!(
+            "restored volume has a file the original did not: {}",
+            f.display()
+        )));
+    }
+    println!("    all {} files identical", expected.len());
+    Ok(())
+}
+
 /// Deterministic pseudo-random bytes (splitmix64), so the demo's files are
 /// real data that does not compress to zeroes.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -158,110 +257,87 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
     let src_mnt = dir.join("mnt/source");
     sh("mount", Command::new("mount").arg(&dev).arg(&src_mnt))?;
     scratch.mounts.push(src_mnt.clone());
-    let mut files = Vec::new();
     for i in 0..24u64 {
         let sub = src_mnt.join(format!("dir{}", i % 4));
         std::fs::create_dir_all(&sub).map_err(io("creating directories"))?;
-        let name = sub.join(format!("file{i}.bin"));
         let len = 1000 + (i as usize * 37_337) % (3 << 20);
-        std::fs::write(&name, pattern(i, len)).map_err(io("writing files"))?;
-        files.push(
-            name.strip_prefix(&src_mnt)
-                .expect("under the mount")
-                .to_path_buf(),
-        );
+        std::fs::write(sub.join(format!("file{i}.bin")), pattern(i, len))
+            .map_err(io("writing files"))?;
     }
     std::fs::write(
         src_mnt.join("README.txt"),
         "volback demo: this filesystem was backed up and restored\n",
     )
     .map_err(io("writing files"))?;
-    files.push(PathBuf::from("README.txt"));
+    let first = capture(&src_mnt)?;
     sh("umount", Command::new("umount").arg(&src_mnt))?;
     scratch.mounts.pop();
     svc.detach_volume(&vol.id).map_err(err)?;
     println!(
         "    wrote {} files; volume primary:gold/{}",
-        files.len(),
+        first.len(),
         vol.id
     );
 
-    step("backing the volume up to backup:vault (generic path: export, attach, copy, detach)");
-    let backup = svc
-        .backup(
-            &BackupRequest {
-                volume: vol.id.clone(),
-                target: None,
-                snapshot: false,
-                incremental: false,
-                parent: None,
-            },
-            &mut |_| {},
-        )
-        .map_err(err)?;
-    println!(
-        "    backup {} is {}: read {}, written {} of {} ({})",
-        backup.id,
-        backup.state.as_str(),
-        human(backup.bytes_read),
-        human(backup.bytes_written),
-        human(backup.volume_size),
-        backup.checksum.as_deref().unwrap_or("no checksum")
-    );
-
-    step("restoring the backup to a new volume on primary:silver, verified");
-    let silver = PoolRef {
-        backend: "primary".into(),
-        pool: "silver".into(),
+    step("backing the volume up to backup:vault (generic path: export, attach, copy, detach, snapshot)");
+    let request = |incremental| BackupRequest {
+        volume: vol.id.clone(),
+        target: None,
+        snapshot: false,
+        incremental,
+        parent: None,
     };
-    let target = RestoreTarget::New {
-        pool: Some(silver),
-        name: Some("demo-restored".into()),
-    };
-    let restored = svc
-        .restore(&backup.id, &target, true, &mut |_| {})
-        .map_err(err)?;
-    println!(
-        "    restored to primary:silver/{} in {:.2} s (checksums match)",
-        restored.volume.id,
-        restored.report.elapsed.as_secs_f64()
-    );
+    let full = svc.backup(&request(false), &mut |_| {}).map_err(err)?;
+    describe(&full);
 
-    step("checking the restored filesystem: fsck, then every file compared");
-    let (_, conn) = svc.attach_volume(&restored.volume.id).map_err(err)?;
-    let rdev = conn.properties.get("path").cloned().unwrap_or_default();
-    sh(
-        "fsck.ext4",
-        Command::new("fsck.ext4").args(["-f", "-n", &rdev]),
+    step("restoring it to a new volume on primary:silver, verified; fsck; every file compared");
+    check_restore(
+        &mut svc,
+        &full.id,
+        "demo-restored",
+        &first,
+        &dir,
+        &mut scratch,
     )?;
-    println!("    fsck.ext4 -f -n: clean");
-    let dst_mnt = dir.join("mnt/restored");
-    sh(
-        "mount",
-        Command::new("mount")
-            .args(["-o", "ro"])
-            .arg(&rdev)
-            .arg(&dst_mnt),
-    )?;
-    scratch.mounts.push(dst_mnt.clone());
-    for (i, f) in files.iter().enumerate() {
-        let got = std::fs::read(dst_mnt.join(f)).map_err(io("reading a restored file"))?;
-        let want = if f == Path::new("README.txt") {
-            b"volback demo: this filesystem was backed up and restored\n".to_vec()
-        } else {
-            pattern(i as u64, 1000 + (i * 37_337) % (3 << 20))
-        };
-        if got != want {
-            return Err(DemoError::Step(format!(
-                "restored file {} differs from the original",
-                f.display()
-            )));
-        }
-    }
-    println!("    all {} files identical", files.len());
-    sh("umount", Command::new("umount").arg(&dst_mnt))?;
+
+    step("changing the filesystem: two files rewritten, one added, one removed");
+    let (_, conn) = svc.attach_volume(&vol.id).map_err(err)?;
+    let dev = conn.properties.get("path").cloned().unwrap_or_default();
+    sh("mount", Command::new("mount").arg(&dev).arg(&src_mnt))?;
+    scratch.mounts.push(src_mnt.clone());
+    std::fs::write(src_mnt.join("dir1/file5.bin"), pattern(105, 700_000))
+        .map_err(io("rewriting a file"))?;
+    std::fs::write(src_mnt.join("dir2/file6.bin"), pattern(106, 5000))
+        .map_err(io("rewriting a file"))?;
+    std::fs::write(src_mnt.join("dir3/new.bin"), pattern(200, 1 << 20))
+        .map_err(io("adding a file"))?;
+    std::fs::remove_file(src_mnt.join("dir0/file0.bin")).map_err(io("removing a file"))?;
+    let second = capture(&src_mnt)?;
+    sh("umount", Command::new("umount").arg(&src_mnt))?;
     scratch.mounts.pop();
-    svc.detach_volume(&restored.volume.id).map_err(err)?;
+    svc.detach_volume(&vol.id).map_err(err)?;
+
+    step("incremental backup: only the blocks that changed are written");
+    let incremental = svc.backup(&request(true), &mut |_| {}).map_err(err)?;
+    describe(&incremental);
+
+    step("restoring the incremental backup and checking it");
+    check_restore(
+        &mut svc,
+        &incremental.id,
+        "demo-restored-2",
+        &second,
+        &dir,
+        &mut scratch,
+    )?;
+
+    step("the first backup is still a complete restore point: verifying it");
+    let v = svc.verify_backup(&full.id, &mut |_| {}).map_err(err)?;
+    println!(
+        "    backup {} matches its checksum map ({} read)",
+        v.backup,
+        human(v.bytes)
+    );
 
     step("done");
     if keep {
