@@ -12,13 +12,16 @@
 //!
 //! Snapshots are full point-in-time copies (a reflink where the file system
 //! can share extents, else a sparse copy), independent of their volume:
-//! either can be deleted first.
+//! either can be deleted first. Two reflinked snapshots of one volume share
+//! every block not rewritten between them, which is how the driver tells
+//! what changed between them (see `changes`).
 //!
 //! Exports hand out the image path for the local connector, or attach a
 //! loop device to it. A loop device is the only "use" this driver can see:
 //! [`VolumeDriver::in_use`] reports one, and deleting a volume a loop device
 //! is attached to is refused.
 
+mod changes;
 mod copy;
 mod pool;
 mod sidecar;
@@ -30,15 +33,17 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, warn};
 
+use self::copy::CopyMethod;
 use self::pool::{statvfs, Pool};
 use self::sidecar::{SnapshotRecord, VolumeRecord};
 use crate::loopdev::{self, LoopDevice};
 use crate::{
-    ConnectionInfo, DriverError, DriverErrorKind, ExportOptions, ExportTarget, Metadata,
-    PoolIdentity, PoolInfo, Result, SnapshotInfo, VolumeDriver, VolumeInfo,
+    ChangedRange, ConnectionInfo, DriverError, DriverErrorKind, ExportOptions, ExportTarget,
+    Metadata, PoolIdentity, PoolInfo, Result, SnapshotInfo, VolumeDriver, VolumeInfo,
 };
 
 /// Loop devices address whole 512-byte sectors: a volume's size must be a
@@ -50,6 +55,8 @@ const SECTOR: u64 = 512;
 pub struct FileDriver {
     backend: String,
     pools: BTreeMap<String, PathBuf>,
+    /// Per pool name, whether its file system can reflink (probed once).
+    reflink_support: Arc<Mutex<BTreeMap<String, bool>>>,
 }
 
 impl FileDriver {
@@ -92,6 +99,7 @@ impl FileDriver {
         Ok(FileDriver {
             backend: backend_name.to_string(),
             pools: resolved,
+            reflink_support: Arc::default(),
         })
     }
 
@@ -314,12 +322,13 @@ impl VolumeDriver for FileDriver {
             loopdev::flush(&dev)
                 .map_err(|e| pool.io_err(&object, format!("flushing {}", dev.display()), e))?;
         }
-        pool.copy_image(&object, &vol_img, &img, vol.size)?;
+        let method = pool.copy_image(&object, &vol_img, &img, vol.size)?;
         let rec = SnapshotRecord {
             id: snapshot_id.to_string(),
             volume_id: volume_id.to_string(),
             size: vol.size,
             created: sidecar::now_unix(),
+            reflinked: method == CopyMethod::Reflink,
         };
         pool.commit(&object, &json, &img, &rec)?;
         info!(pool = %pool.name, volume = volume_id, snapshot = snapshot_id, "created snapshot");
@@ -445,5 +454,43 @@ impl VolumeDriver for FileDriver {
         pool.check_id("volume", id)?;
         let object = format!("volume {id}");
         Ok(!pool.attached(&object, &pool.volume_img(id))?.is_empty())
+    }
+
+    /// True when the pool's file system is one whose extent maps
+    /// `changes` trusts (XFS, btrfs) and it accepts FICLONE there: probed
+    /// once per pool by cloning a small hidden file in the pool directory.
+    fn supports_change_tracking(&self, pool: &str) -> Result<bool> {
+        let pool = self.pool(pool)?;
+        let cache = || {
+            self.reflink_support
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(&known) = cache().get(pool.name) {
+            return Ok(known);
+        }
+        let supported = changes::probe_reflink(pool.dir)
+            .map_err(|e| pool.io_err("pool", "probing for reflink support", e))?;
+        debug!(pool = %pool.name, supported, "probed change tracking (reflink) support");
+        cache().insert(pool.name.to_string(), supported);
+        Ok(supported)
+    }
+
+    /// The extents of `to_snapshot` not shared with `from_snapshot` (see
+    /// `changes`); `None` unless both are reflinked snapshots of the same
+    /// volume, of the same size, on a file system whose extent maps can
+    /// be trusted.
+    fn changed_ranges(
+        &self,
+        pool: &str,
+        from_snapshot: &str,
+        to_snapshot: &str,
+    ) -> Result<Option<Vec<ChangedRange>>> {
+        let pool = self.pool(pool)?;
+        pool.check_id("snapshot", from_snapshot)?;
+        pool.check_id("snapshot", to_snapshot)?;
+        let from = pool.read_snapshot(from_snapshot)?;
+        let to = pool.read_snapshot(to_snapshot)?;
+        changes::changed_ranges(&pool, &from, &to)
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use tracing::debug;
 
 /// `FICLONE`: _IOW(0x94, 9, int).
-const FICLONE: libc::c_ulong = 0x4004_9409;
+pub(super) const FICLONE: libc::c_ulong = 0x4004_9409;
 
 /// Buffer for the read/write fallback when copy_file_range is refused.
 const COPY_BUF: usize = 1 << 20;

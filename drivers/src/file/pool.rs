@@ -205,9 +205,15 @@ impl Pool<'_> {
             .map_err(|e| self.io_err(object, "syncing the pool directory", e))
     }
 
-    /// Creates `dst` as a copy of `src` (which must exist), sized `size`.
-    /// On failure `dst` is removed again.
-    pub fn copy_image(&self, object: &str, src: &Path, dst: &Path, size: u64) -> Result<()> {
+    /// Creates `dst` as a copy of `src` (which must exist), sized `size`,
+    /// and says how. On failure `dst` is removed again.
+    pub fn copy_image(
+        &self,
+        object: &str,
+        src: &Path,
+        dst: &Path,
+        size: u64,
+    ) -> Result<copy::CopyMethod> {
         let src_file = File::open(src)
             .map_err(|e| self.io_err(object, format!("opening {}", src.display()), e))?;
         let dst_file = File::options()
@@ -233,7 +239,7 @@ impl Pool<'_> {
         match result {
             Ok(method) => {
                 debug!(pool = %self.name, src = %src.display(), dst = %dst.display(), ?method, "copied image");
-                Ok(())
+                Ok(method)
             }
             Err(e) => {
                 drop(dst_file);

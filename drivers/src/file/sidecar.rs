@@ -33,6 +33,10 @@ pub(super) struct SnapshotRecord {
     pub size: u64,
     /// Unix seconds.
     pub created: u64,
+    /// Made by FICLONE (shares extents with its volume), which change
+    /// tracking relies on. Absent (false) in sidecars written before it.
+    #[serde(default)]
+    pub reflinked: bool,
 }
 
 /// Writes `value` to `path` so that a crash leaves either the old content or
