@@ -624,7 +624,7 @@ fn restore(mut s: Service, args: RestoreArgs) -> CmdResult {
             json!({"backup": args.backup, "backend": out.volume.backend, "pool": out.volume.pool, "volume": out.volume.id,
                    "bytes_read": r.bytes_read, "bytes_written": r.bytes_written, "bytes_zeroed": r.bytes_zeroed,
                    "bytes_skipped": r.bytes_skipped, "elapsed_s": r.elapsed.as_secs_f64(),
-                   "checksum": r.digest.map(|d| format!("xxh3-128:{d:032x}"))})
+                   "checksum": r.block_map.as_ref().map(|m| m.checksum())})
         );
     } else {
         println!(

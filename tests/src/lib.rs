@@ -86,11 +86,17 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// A new scratch directory under [`SCRATCH_ROOT`], or under the
+    /// directory in `VOLBACK_TEST_SCRATCH` (to run on another file system,
+    /// e.g. XFS for reflink snapshots and change tracking).
     pub fn new() -> Scratch {
+        let root = std::env::var_os("VOLBACK_TEST_SCRATCH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(SCRATCH_ROOT));
         let dir = tempfile::Builder::new()
             .prefix("volback-test-")
-            .tempdir_in(SCRATCH_ROOT)
-            .unwrap_or_else(|e| panic!("creating a scratch directory in {SCRATCH_ROOT}: {e}"));
+            .tempdir_in(&root)
+            .unwrap_or_else(|e| panic!("creating a scratch directory in {}: {e}", root.display()));
         Scratch { dir }
     }
 
@@ -1097,7 +1103,9 @@ impl AttachedVolume {
 
 impl Drop for AttachedVolume {
     fn drop(&mut self) {
-        let r = self.installation.run(["volume", "detach", self.spec.as_str()]);
+        let r = self
+            .installation
+            .run(["volume", "detach", self.spec.as_str()]);
         if !r.success() {
             eprintln!("warning: cleanup: {}", r.describe());
         }
