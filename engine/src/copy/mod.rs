@@ -454,24 +454,8 @@ pub fn checksum(
     let mut cfg = reader::ScanConfig::for_copy(opts, size);
     cfg.hash = true;
     cfg.block_map = None;
-    cfg.counts_as_verify = true;
-    let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            // Nothing is written: every buffer goes straight back to the pool.
-            let scanned = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
-                Ok(match w {
-                    Work::Data { buf, .. } => Some(buf),
-                    Work::Hole { .. } => None,
-                })
-            })?;
-            Ok::<_, CopyError>(scanned.digest.expect("hashing scan yields a digest"))
-        });
-        watch(counters, Phase::Verify, size, start, progress, || {
-            h.is_finished()
-        });
-        h.join().expect("checksum thread panicked")
-    })
+    let scanned = read_back(dev, cfg, counters, start, progress)?;
+    Ok(scanned.digest.expect("hashing scan yields a digest"))
 }
 
 /// Reads the whole device and returns its block map.
@@ -492,22 +476,36 @@ pub fn block_map(
         compare_parent: false,
         only: None,
     });
+    let scanned = read_back(dev, cfg, counters, start, progress)?;
+    Ok(scanned.block_map.expect("a map scan yields a map"))
+}
+
+/// Runs a read-only scan (progress counted as verification) in a thread
+/// while the caller's thread reports progress.
+fn read_back(
+    dev: &mut dyn BlockDevice,
+    mut cfg: reader::ScanConfig,
+    counters: &Counters,
+    start: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<reader::Scanned, CopyError> {
     cfg.counts_as_verify = true;
+    let size = cfg.size;
     let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
     std::thread::scope(|s| {
         let h = s.spawn(|| {
-            let scanned = reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
+            // Nothing is written: every buffer goes straight back to the pool.
+            reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
                 Ok(match w {
                     Work::Data { buf, .. } => Some(buf),
                     Work::Hole { .. } => None,
                 })
-            })?;
-            Ok::<_, CopyError>(scanned.block_map.expect("a map scan yields a map"))
+            })
         });
         watch(counters, Phase::Verify, size, start, progress, || {
             h.is_finished()
         });
-        h.join().expect("block map thread panicked")
+        h.join().expect("read-back thread panicked")
     })
 }
 

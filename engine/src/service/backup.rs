@@ -232,17 +232,7 @@ impl Service {
         let mut run = || -> Result<(crate::copy::CopyReport, &'static str, Option<String>, Option<String>)> {
             fail::fail_point!("backup_start", |_| super::crash("backup_start"));
             let source_snapshot = if use_snapshot {
-                let snap = uuid::Uuid::new_v4().to_string();
-                let rid = self.catalog.plan_resource(
-                    &op.id,
-                    ResourceKind::Snapshot,
-                    &src.backend,
-                    &src.pool,
-                    &snap,
-                    tracking,
-                )?;
-                src_driver.create_snapshot(&src.pool, &src.id, &snap)?;
-                self.catalog.set_resource_state(rid, "created")?;
+                let snap = self.snapshot(&op, &src_driver, &src.backend, &src.pool, &src.id, tracking)?;
                 fail::fail_point!("backup_after_snapshot", |_| super::crash("backup_after_snapshot"));
                 Some(snap)
             } else {
@@ -313,18 +303,8 @@ impl Service {
             // restore point is taken of the settled volume.
             self.undo(&op, true)?;
             let target_snapshot = if target_snapshots {
-                let snap = uuid::Uuid::new_v4().to_string();
-                let rid = self.catalog.plan_resource(
-                    &op.id,
-                    ResourceKind::Snapshot,
-                    &target.backend,
-                    &target.pool,
-                    &snap,
-                    true,
-                )?;
-                dst_driver.create_snapshot(&target.pool, &record.target_volume_id, &snap)?;
-                self.catalog.set_resource_state(rid, "created")?;
-                Some(snap)
+                let volume = &record.target_volume_id;
+                Some(self.snapshot(&op, &dst_driver, &target.backend, &target.pool, volume, true)?)
             } else {
                 None
             };
@@ -395,6 +375,33 @@ impl Service {
                 Err(e)
             }
         }
+    }
+}
+
+impl Service {
+    /// Snapshots a volume, recorded in the operation before it is taken;
+    /// `keep` keeps it when the operation succeeds.
+    fn snapshot(
+        &self,
+        op: &crate::catalog::Operation,
+        driver: &Arc<dyn volback_drivers::VolumeDriver>,
+        backend: &str,
+        pool: &str,
+        volume: &str,
+        keep: bool,
+    ) -> Result<String> {
+        let snap = uuid::Uuid::new_v4().to_string();
+        let rid = self.catalog.plan_resource(
+            &op.id,
+            ResourceKind::Snapshot,
+            backend,
+            pool,
+            &snap,
+            keep,
+        )?;
+        driver.create_snapshot(pool, volume, &snap)?;
+        self.catalog.set_resource_state(rid, "created")?;
+        Ok(snap)
     }
 }
 
