@@ -11,6 +11,7 @@ mod device;
 mod error;
 pub mod local;
 pub mod loopinfo;
+pub mod rbd;
 
 pub use buffer::AlignedBuf;
 pub use device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};
