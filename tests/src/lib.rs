@@ -1267,3 +1267,414 @@ mod tests {
         assert!(!has_data_in(&path, MIB..32 * MIB));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Ceph: the test clusters that fixtures/test.sh starts with fixtures/ceph.sh
+// ---------------------------------------------------------------------------
+
+pub use ceph::*;
+
+/// Helpers for tests against the two throwaway Ceph clusters of
+/// `fixtures/test.sh`: cluster A (pools `rbd`, `volumes`, `backups`) and
+/// cluster B (pools `rbd`, `backups`), both without cephx, each reached
+/// through nothing but its `ceph.conf` ([`ceph_conf`]). Test images are
+/// [`RbdImage`] guards, removed with their snapshots on drop, also while a
+/// failing test unwinds. Everything goes through the `rbd` CLI.
+///
+/// Diff granularity on these (bluestore) OSDs: a write inside the part of an
+/// object that existed at the snapshot shows up in `rbd diff` as exactly its
+/// extent; a write to an object that did not exist at the snapshot shows up
+/// as `[object start, end of the write)`, and one past the object's old end as
+/// `[old end, end of the write)`. Tests asserting exact extents should first
+/// fill the image (see [`RbdImage::fill`]) and snapshot after that.
+pub mod ceph {
+    use std::ffi::OsStr;
+    use std::io::Write as _;
+    use std::ops::Range;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    use crate::{run, Run, MIB};
+
+    /// The `ceph.conf` of test cluster `'A'` or `'B'`, from the environment
+    /// variable `VOLBACK_TEST_CEPH_A` / `VOLBACK_TEST_CEPH_B` that
+    /// `fixtures/test.sh` sets. Panics if it is unset or names no file: a
+    /// Ceph test never skips silently.
+    pub fn ceph_conf(cluster: char) -> PathBuf {
+        let cluster = cluster.to_ascii_uppercase();
+        assert!(
+            matches!(cluster, 'A' | 'B'),
+            "the test Ceph clusters are 'A' and 'B', not {cluster:?}"
+        );
+        let var = format!("VOLBACK_TEST_CEPH_{cluster}");
+        let why = match std::env::var_os(&var) {
+            Some(conf) if Path::new(&conf).is_file() => return PathBuf::from(conf),
+            Some(conf) => format!("{var}={} is not a file", conf.to_string_lossy()),
+            None => format!("{var} is not set"),
+        };
+        panic!(
+            "Ceph cluster {cluster} not running: run the tests through fixtures/test.sh \
+             (which starts it) ({why})"
+        );
+    }
+
+    /// An `rbd --conf CONF` command. The client gives up connecting after
+    /// 30 s and an operation after 120 s, so that a dead cluster fails the
+    /// test instead of hanging it.
+    pub fn rbd_command(conf: &Path) -> Command {
+        let mut cmd = Command::new("rbd");
+        cmd.arg("--conf")
+            .arg(conf)
+            .args(["--client-mount-timeout", "30"])
+            .args(["--rados-osd-op-timeout", "120"])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `rbd --conf CONF ARGS...`.
+    pub fn rbd_run<I, S>(conf: &Path, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = rbd_command(conf);
+        cmd.args(args);
+        run(cmd)
+    }
+
+    /// Runs `rbd --conf CONF ARGS...` and asserts it succeeded.
+    pub fn rbd_ok<I, S>(conf: &Path, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        rbd_run(conf, args).assert_success()
+    }
+
+    /// `base-PID-N`: a name no other test (of this or another test process)
+    /// uses, for images and snapshots.
+    pub fn unique_name(base: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        format!("{base}-{}-{n}", std::process::id())
+    }
+
+    /// Writes `data` at `offset` of image `pool/image` (which must be large
+    /// enough): `rbd import-diff -` of a diff stream holding one write record
+    /// and nothing else, so the image's size and snapshots stay as they are.
+    pub fn rbd_write(conf: &Path, pool: &str, image: &str, offset: u64, data: &[u8]) {
+        let mut stream = Vec::with_capacity(data.len() + 64);
+        stream.extend_from_slice(b"rbd diff v1\n");
+        stream.push(b'w');
+        stream.extend_from_slice(&offset.to_le_bytes());
+        stream.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        stream.extend_from_slice(data);
+        stream.push(b'e');
+        import_diff(conf, &format!("{pool}/{image}"), &stream);
+    }
+
+    /// Discards `len` bytes at `offset` of image `pool/image` (a zero record
+    /// of a diff stream): they read as zeroes and whole objects are freed.
+    pub fn rbd_discard(conf: &Path, pool: &str, image: &str, offset: u64, len: u64) {
+        let mut stream = Vec::with_capacity(64);
+        stream.extend_from_slice(b"rbd diff v1\n");
+        stream.push(b'z');
+        stream.extend_from_slice(&offset.to_le_bytes());
+        stream.extend_from_slice(&len.to_le_bytes());
+        stream.push(b'e');
+        import_diff(conf, &format!("{pool}/{image}"), &stream);
+    }
+
+    fn import_diff(conf: &Path, spec: &str, stream: &[u8]) {
+        let mut cmd = rbd_command(conf);
+        cmd.args(["import-diff", "--no-progress", "-", spec])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("running rbd (is ceph-common installed?): {e}"));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        // Fed from a thread: rbd may fill its stderr pipe before reading it all.
+        let feed = std::thread::scope(|s| {
+            let feeder = s.spawn(move || stdin.write_all(stream));
+            let output = child.wait_with_output();
+            (feeder.join().expect("feeder thread"), output)
+        });
+        let output = feed
+            .1
+            .unwrap_or_else(|e| panic!("waiting for rbd import-diff: {e}"));
+        assert!(
+            output.status.success() && feed.0.is_ok(),
+            "rbd import-diff - {spec} failed: {} (writing its input: {:?})\n{}",
+            output.status,
+            feed.0,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The whole content of `spec` (`pool/image` or `pool/image@snap`):
+    /// `rbd export SPEC -`.
+    pub fn rbd_export(conf: &Path, spec: &str) -> Vec<u8> {
+        let mut cmd = rbd_command(conf);
+        cmd.args(["export", "--no-progress", spec, "-"]);
+        let r = run(cmd);
+        // Not r.describe(): stdout is the image.
+        assert!(
+            r.success(),
+            "{} failed: {}\n{}",
+            r.command,
+            r.status(),
+            r.stderr.trim_end()
+        );
+        r.output.stdout
+    }
+
+    /// Exports `spec` into the file `path` (which must not exist).
+    pub fn rbd_export_to(conf: &Path, spec: &str, path: &Path) {
+        rbd_ok(
+            conf,
+            [
+                "export".as_ref(),
+                "--no-progress".as_ref(),
+                OsStr::new(spec),
+                path.as_os_str(),
+            ],
+        );
+    }
+
+    /// One extent of `rbd diff`: `exists == false` means it reads as zeroes
+    /// (discarded, or the object is gone).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct RbdExtent {
+        pub range: Range<u64>,
+        pub exists: bool,
+    }
+
+    /// `rbd diff [--from-snap FROM] SPEC`: the extents changed since
+    /// `from_snap` (or allocated at all, without one). `SPEC` may name a
+    /// snapshot (`pool/image@snap`) as the end point.
+    pub fn rbd_diff(conf: &Path, spec: &str, from_snap: Option<&str>) -> Vec<RbdExtent> {
+        let mut args = vec!["diff", "--format", "json"];
+        if let Some(from) = from_snap {
+            args.extend(["--from-snap", from]);
+        }
+        args.push(spec);
+        let r = rbd_ok(conf, args);
+        let v: Value = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("rbd diff output is not JSON ({e})\n{}", r.describe()));
+        let Value::Array(list) = v else {
+            panic!("rbd diff output is not a JSON array\n{}", r.describe());
+        };
+        list.iter()
+            .map(|e| {
+                let offset = crate::json_u64(e, "offset");
+                let len = crate::json_u64(e, "length");
+                let exists = match e.get("exists") {
+                    Some(Value::String(s)) => s == "true",
+                    Some(Value::Bool(b)) => *b,
+                    _ => panic!("no \"exists\" in {e}"),
+                };
+                RbdExtent {
+                    range: offset..offset + len,
+                    exists,
+                }
+            })
+            .collect()
+    }
+
+    /// The snapshots of `pool/image`, as `rbd snap ls --format json` lists
+    /// them (objects with "name", "id", "size", "protected", ...).
+    pub fn rbd_snaps(conf: &Path, spec: &str) -> Vec<Value> {
+        let r = rbd_ok(conf, ["snap", "ls", "--format", "json", spec]);
+        match serde_json::from_str(r.stdout.trim()) {
+            Ok(Value::Array(list)) => list,
+            _ => panic!("rbd snap ls output is not a JSON array\n{}", r.describe()),
+        }
+    }
+
+    /// Whether image `pool/image` exists.
+    pub fn rbd_exists(conf: &Path, pool: &str, image: &str) -> bool {
+        let r = rbd_ok(conf, ["ls", "--format", "json", pool]);
+        let names: Vec<String> = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("rbd ls output is not a JSON list ({e})\n{}", r.describe()));
+        names.iter().any(|n| n == image)
+    }
+
+    /// An RBD image made for a test, removed on drop (snapshots unprotected
+    /// and purged first), also while a failing test unwinds.
+    #[derive(Debug)]
+    pub struct RbdImage {
+        conf: PathBuf,
+        pool: String,
+        name: String,
+    }
+
+    impl RbdImage {
+        /// Creates an empty image of `size` bytes named `base-PID-N` (see
+        /// [`unique_name`]) in `pool`: `rbd create --size SIZE`, with the
+        /// default features (layering, exclusive-lock, object-map, fast-diff,
+        /// deep-flatten).
+        pub fn create(conf: &Path, pool: &str, base: &str, size: u64) -> RbdImage {
+            let image = RbdImage::adopt(conf, pool, &unique_name(base));
+            // --size takes MiB unless given a unit; B keeps any byte count.
+            rbd_ok(
+                conf,
+                ["create", "--size", &format!("{size}B"), &image.spec()],
+            );
+            image
+        }
+
+        /// Imports the file `path` as a new image named `base-PID-N`: `rbd
+        /// import` (which skips zero runs: they stay unallocated).
+        pub fn import(conf: &Path, pool: &str, base: &str, path: &Path) -> RbdImage {
+            let image = RbdImage::adopt(conf, pool, &unique_name(base));
+            rbd_ok(
+                conf,
+                [
+                    "import".as_ref(),
+                    "--no-progress".as_ref(),
+                    path.as_os_str(),
+                    image.spec().as_ref(),
+                ],
+            );
+            image
+        }
+
+        /// Takes charge of the image `pool/name` (created by volback, say),
+        /// which need not exist yet: it is removed on drop if it exists then.
+        pub fn adopt(conf: &Path, pool: &str, name: &str) -> RbdImage {
+            RbdImage {
+                conf: conf.to_path_buf(),
+                pool: pool.to_owned(),
+                name: name.to_owned(),
+            }
+        }
+
+        pub fn conf(&self) -> &Path {
+            &self.conf
+        }
+
+        pub fn pool(&self) -> &str {
+            &self.pool
+        }
+
+        /// The image's full name (`base-PID-N`).
+        pub fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// `pool/name`.
+        pub fn spec(&self) -> String {
+            format!("{}/{}", self.pool, self.name)
+        }
+
+        /// `pool/name@snap`.
+        pub fn snap_spec(&self, snap: &str) -> String {
+            format!("{}/{}@{snap}", self.pool, self.name)
+        }
+
+        /// The size in bytes (`rbd info`).
+        pub fn size(&self) -> u64 {
+            let r = rbd_ok(&self.conf, ["info", "--format", "json", &self.spec()]);
+            let v: Value = serde_json::from_str(r.stdout.trim())
+                .unwrap_or_else(|e| panic!("rbd info output is not JSON ({e})\n{}", r.describe()));
+            crate::json_u64(&v, "size")
+        }
+
+        /// Writes `data` at `offset` (see [`rbd_write`]).
+        pub fn write(&self, offset: u64, data: &[u8]) {
+            rbd_write(&self.conf, &self.pool, &self.name, offset, data);
+        }
+
+        /// Discards `len` bytes at `offset` (see [`rbd_discard`]).
+        pub fn discard(&self, offset: u64, len: u64) {
+            rbd_discard(&self.conf, &self.pool, &self.name, offset, len);
+        }
+
+        /// Writes the whole image with pseudo-random data from `seed`
+        /// ([`crate::random_bytes`] of the image's size, in 4 MiB writes),
+        /// so that every object exists fully and later diffs are exact.
+        pub fn fill(&self, seed: u64) -> Vec<u8> {
+            let data = crate::random_bytes(self.size() as usize, seed);
+            for (i, chunk) in data.chunks(4 * MIB as usize).enumerate() {
+                self.write(i as u64 * 4 * MIB, chunk);
+            }
+            data
+        }
+
+        /// `rbd snap create pool/name@snap`.
+        pub fn snap_create(&self, snap: &str) {
+            rbd_ok(
+                &self.conf,
+                ["snap", "create", "--no-progress", &self.snap_spec(snap)],
+            );
+        }
+
+        /// The image's content ([`rbd_export`]).
+        pub fn export(&self) -> Vec<u8> {
+            rbd_export(&self.conf, &self.spec())
+        }
+
+        /// The content of snapshot `snap`.
+        pub fn export_snap(&self, snap: &str) -> Vec<u8> {
+            rbd_export(&self.conf, &self.snap_spec(snap))
+        }
+
+        /// `rbd diff` of the image since `from_snap` (see [`rbd_diff`]).
+        pub fn diff(&self, from_snap: Option<&str>) -> Vec<RbdExtent> {
+            rbd_diff(&self.conf, &self.spec(), from_snap)
+        }
+
+        /// Removes the image now, snapshots first; Ok(false) if it did not
+        /// exist. Retries for up to 45 s while the image still has watchers
+        /// (a killed client's watch lasts ~30 s).
+        pub fn remove(&self) -> Result<bool, String> {
+            let spec = self.spec();
+            let r = rbd_run(&self.conf, ["snap", "ls", "--format", "json", &spec]);
+            if !r.success() {
+                if r.stderr.contains("No such file") {
+                    return Ok(false);
+                }
+                return Err(r.describe());
+            }
+            let snaps: Vec<Value> = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
+            for snap in &snaps {
+                let protected = matches!(snap.get("protected"), Some(Value::String(s)) if s == "true")
+                    || matches!(snap.get("protected"), Some(Value::Bool(true)));
+                if let (true, Some(name)) = (protected, snap.get("name").and_then(Value::as_str)) {
+                    let r = rbd_run(&self.conf, ["snap", "unprotect", &self.snap_spec(name)]);
+                    if !r.success() {
+                        return Err(r.describe());
+                    }
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(45);
+            loop {
+                let mut r = rbd_run(&self.conf, ["snap", "purge", "--no-progress", &spec]);
+                if r.success() {
+                    r = rbd_run(&self.conf, ["rm", "--no-progress", &spec]);
+                }
+                if r.success() {
+                    return Ok(true);
+                }
+                if !r.stderr.contains("watchers") || Instant::now() >= deadline {
+                    return Err(r.describe());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    impl Drop for RbdImage {
+        fn drop(&mut self) {
+            if let Err(e) = self.remove() {
+                eprintln!("warning: could not remove RBD image {}:\n{e}", self.spec());
+            }
+        }
+    }
+}

@@ -249,7 +249,10 @@ fn backup_and_restore_across_pools() {
         assert_eq!(json_str(&r, "backend"), "primary", "{r}");
         assert_eq!(json_str(&r, "pool"), "silver", "{r}");
         let restore_checksum = json_str(&r, "checksum").to_owned();
-        assert_eq!(restore_checksum, checksum, "a restore reads exactly the backup's data: {r}");
+        assert_eq!(
+            restore_checksum, checksum,
+            "a restore reads exactly the backup's data: {r}"
+        );
         let silver_id = json_str(&r, "volume").to_owned();
         let silver_img = inst.volume_img(SILVER, &silver_id);
         assert_eq!(file_size(&silver_img), size);

@@ -252,12 +252,25 @@ pub(crate) fn scan(
                     }
                 }
                 Step::Read { offset, len } => {
+                    // Over the bandwidth limit: with reads in flight, go and
+                    // handle their completions (the writer and progress keep
+                    // moving); with none, there is nothing to do but wait.
+                    if let Some(t) = throttle.as_ref() {
+                        let delay = t.delay(len);
+                        if !delay.is_zero() {
+                            if dev.in_flight() > 0 {
+                                waiting = Some(step);
+                                break;
+                            }
+                            std::thread::sleep(delay);
+                        }
+                    }
                     let Some(buf) = pool.try_take() else {
                         waiting = Some(step);
                         break;
                     };
                     if let Some(t) = throttle.as_mut() {
-                        t.wait(len);
+                        t.take(len);
                     }
                     dev.submit(
                         offset,

@@ -19,14 +19,22 @@ impl Throttle {
         }
     }
 
-    /// Blocks until `n` more bytes may be transferred.
-    pub fn wait(&mut self, n: u64) {
+    /// How long until `n` more bytes may start (zero: now). Callers with
+    /// requests in flight handle completions meanwhile instead of sleeping.
+    pub fn delay(&self, n: u64) -> Duration {
+        let due = Duration::from_secs_f64((self.granted + n) as f64 / self.rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+
+    /// Counts `n` bytes as started.
+    pub fn take(&mut self, n: u64) {
         self.granted += n;
-        let due = Duration::from_secs_f64(self.granted as f64 / self.rate as f64);
-        let elapsed = self.start.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
-        }
+    }
+
+    /// Blocks until `n` more bytes may start, and counts them.
+    pub fn wait(&mut self, n: u64) {
+        std::thread::sleep(self.delay(n));
+        self.take(n);
     }
 }
 
