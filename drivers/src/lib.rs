@@ -13,6 +13,7 @@
 mod error;
 pub mod file;
 pub mod loopdev;
+pub mod rbd;
 
 use std::collections::BTreeMap;
 

@@ -37,7 +37,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_norway::Value;
+use volback_connectors::rbd::ClusterConfig;
 use volback_drivers::file::FileDriver;
+use volback_drivers::rbd::RbdDriver;
 use volback_drivers::{DriverError, PoolIdentity, VolumeDriver};
 
 use crate::copy::{CopyOptions, SparseMode, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH};
@@ -54,9 +56,14 @@ pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
 pub const MAX_QUEUE_DEPTH: usize = 1024;
 
 /// The drivers this build knows, as written in `driver:`.
-pub const KNOWN_DRIVERS: &[&str] = &["file"];
+pub const KNOWN_DRIVERS: &[&str] = &["file", "rbd"];
 
 const FILE_OPTIONS: &[&str] = &["loop_devices"];
+
+const RBD_OPTIONS: &[&str] = &["conf", "connect_timeout", "id", "keyring"];
+
+/// The longest `connect_timeout` accepted, in seconds.
+const MAX_CONNECT_TIMEOUT: f64 = 3600.0;
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -331,12 +338,14 @@ pub fn valid_name(name: &str) -> bool {
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
     File,
+    Rbd,
 }
 
 impl DriverKind {
     pub fn as_str(self) -> &'static str {
         match self {
             DriverKind::File => "file",
+            DriverKind::Rbd => "rbd",
         }
     }
 }
@@ -353,6 +362,7 @@ impl FromStr for DriverKind {
     fn from_str(s: &str) -> Result<Self, ()> {
         match s {
             "file" => Ok(DriverKind::File),
+            "rbd" => Ok(DriverKind::Rbd),
             _ => Err(()),
         }
     }
@@ -369,10 +379,22 @@ pub struct FileSettings {
     pub pool_dirs: BTreeMap<String, PathBuf>,
 }
 
+/// Settings of an rbd backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSettings {
+    /// How to reach the cluster: options `conf` (required), `id`,
+    /// `keyring` (paths relative to the configuration file's directory)
+    /// and `connect_timeout` (seconds).
+    pub cluster: ClusterConfig,
+    /// Pool name to Ceph pool name.
+    pub ceph_pools: BTreeMap<String, String>,
+}
+
 /// The driver-specific part of a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverSettings {
     File(FileSettings),
+    Rbd(RbdSettings),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -393,6 +415,7 @@ impl BackendConfig {
     pub fn loop_devices(&self) -> bool {
         match &self.settings {
             DriverSettings::File(f) => f.loop_devices,
+            DriverSettings::Rbd(_) => false,
         }
     }
 
@@ -990,6 +1013,9 @@ fn parse_backend(b: RawBackend, base_dir: &Path, file: &str) -> Result<BackendCo
                     .collect(),
             })
         }
+        DriverKind::Rbd => DriverSettings::Rbd(parse_rbd_options(
+            &b.name, &options, &pools, base_dir, file,
+        )?),
     };
     let backup_target = match &b.backup_target {
         None => None,
@@ -1005,6 +1031,78 @@ fn parse_backend(b: RawBackend, base_dir: &Path, file: &str) -> Result<BackendCo
         pools,
         settings,
         backup_target,
+    })
+}
+
+/// The options of an rbd backend, key by key; errors name the key, never
+/// the value.
+fn parse_rbd_options(
+    backend: &str,
+    options: &serde_norway::Mapping,
+    pools: &BTreeMap<String, String>,
+    base_dir: &Path,
+    file: &str,
+) -> Result<RbdSettings, ConfigError> {
+    let bad = |key: &str, expected: &str| ConfigError::BadOption {
+        file: file.into(),
+        backend: backend.into(),
+        key: key.into(),
+        expected: expected.into(),
+    };
+    let mut cluster = ClusterConfig::default();
+    for (k, v) in options {
+        let Some(key) = k.as_str() else {
+            return Err(bad("options", "a mapping with string keys"));
+        };
+        let string = || {
+            v.as_str()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| bad(key, "a non-empty string"))
+        };
+        match key {
+            "conf" => cluster.conf = Some(base_dir.join(string()?)),
+            "keyring" => cluster.keyring = Some(base_dir.join(string()?)),
+            "id" => cluster.id = Some(string()?.to_string()),
+            "connect_timeout" => {
+                let secs = v
+                    .as_f64()
+                    .filter(|s| *s > 0.0 && *s <= MAX_CONNECT_TIMEOUT)
+                    .ok_or_else(|| {
+                        bad(
+                            key,
+                            &format!("a number of seconds above 0, at most {MAX_CONNECT_TIMEOUT}"),
+                        )
+                    })?;
+                cluster.connect_timeout = std::time::Duration::from_secs_f64(secs);
+            }
+            _ => {
+                return Err(ConfigError::UnknownOption {
+                    file: file.into(),
+                    backend: backend.into(),
+                    driver: DriverKind::Rbd.to_string(),
+                    key: key.into(),
+                    known: list(RBD_OPTIONS.iter().copied()),
+                })
+            }
+        }
+    }
+    if cluster.conf.is_none() {
+        return Err(bad(
+            "conf",
+            "given: the path of the cluster's ceph.conf (option `conf` is required for driver rbd)",
+        ));
+    }
+    if let Some((pool, _)) = pools.iter().find(|(_, ceph)| ceph.is_empty()) {
+        return Err(ConfigError::Invalid {
+            file: file.into(),
+            line: 0,
+            column: 0,
+            message: format!("backend `{backend}`: pool `{pool}`: the ceph pool name is empty"),
+        });
+    }
+    Ok(RbdSettings {
+        cluster,
+        ceph_pools: pools.clone(),
     })
 }
 
@@ -1042,6 +1140,15 @@ fn build_registry(config: &Config, file: &str) -> Result<Registry, ConfigError> 
     for b in &config.backends {
         let driver: Arc<dyn VolumeDriver> = match &b.settings {
             DriverSettings::File(f) => Arc::new(open_file_backend(&b.name, f, file)?),
+            DriverSettings::Rbd(r) => Arc::new(
+                RbdDriver::new(&b.name, r.cluster.clone(), r.ceph_pools.clone()).map_err(
+                    |source| ConfigError::Driver {
+                        file: file.into(),
+                        backend: b.name.clone(),
+                        source: Box::new(source),
+                    },
+                )?,
+            ),
         };
         // Every pool must answer for its identity now, not at the first backup.
         for pool in b.pool_names() {
@@ -1320,7 +1427,9 @@ backup:
         )
         .unwrap();
         let l = Config::load(&path).unwrap();
-        let DriverSettings::File(f) = &l.registry().backend("primary").unwrap().settings;
+        let DriverSettings::File(f) = &l.registry().backend("primary").unwrap().settings else {
+            panic!("not a file backend")
+        };
         assert_eq!(f.pool_dirs["gold"], sub.join("../a"));
         assert_eq!(l.config().backup.catalog, sub.join("db/catalog.db"));
         // Same pools through Config::parse and an explicit base dir.
@@ -1826,5 +1935,137 @@ backup:
             .check_not_same_pool(&gold, &PoolRef::new("offsite", "x"))
             .unwrap_err();
         assert!(matches!(e, ConfigError::UnknownBackend { .. }), "{e:?}");
+    }
+
+    // rbd backends: parse errors need no cluster -------------------------
+
+    fn raw_backend(yaml: &str) -> RawBackend {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn rbd_options_parse() {
+        let b = raw_backend(
+            "name: ceph
+driver: rbd
+options:
+  conf: etc/ceph.conf
+  id: volback
+  keyring: /etc/ceph/volback.keyring
+  connect_timeout: 5
+pools:
+  gold: volumes
+  vault: backups
+",
+        );
+        let c = parse_backend(b, Path::new("/cfg"), "f.yaml").unwrap();
+        assert_eq!(c.driver, DriverKind::Rbd);
+        assert!(!c.loop_devices());
+        let DriverSettings::Rbd(r) = &c.settings else {
+            panic!("not an rbd backend: {c:?}")
+        };
+        assert_eq!(
+            r.cluster.conf.as_deref(),
+            Some(Path::new("/cfg/etc/ceph.conf"))
+        );
+        assert_eq!(r.cluster.id.as_deref(), Some("volback"));
+        assert_eq!(
+            r.cluster.keyring.as_deref(),
+            Some(Path::new("/etc/ceph/volback.keyring"))
+        );
+        assert_eq!(r.cluster.connect_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(r.ceph_pools["gold"], "volumes");
+        assert_eq!(r.ceph_pools["vault"], "backups");
+
+        // Only conf is required; the default timeout stays.
+        let b = raw_backend("name: c\ndriver: rbd\noptions: {conf: c.conf}\npools: {p: rbd}\n");
+        let c = parse_backend(b, Path::new("/x"), "f.yaml").unwrap();
+        let DriverSettings::Rbd(r) = &c.settings else {
+            panic!("not an rbd backend")
+        };
+        assert_eq!(
+            r.cluster,
+            ClusterConfig {
+                conf: Some("/x/c.conf".into()),
+                ..ClusterConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn rbd_option_errors_name_keys_not_values() {
+        let parse = |opts: &str| {
+            let yaml = format!("name: ceph\ndriver: rbd\noptions: {opts}\npools: {{p: rbd}}\n");
+            parse_backend(raw_backend(&yaml), Path::new("/cfg"), "f.yaml").unwrap_err()
+        };
+        let e = parse("{id: hunter2}");
+        assert!(matches!(e, ConfigError::BadOption { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("`conf`") && m.contains("ceph") && !m.contains("hunter2"),
+            "{m}"
+        );
+
+        let e = parse("{conf: c, key: hunter2}");
+        assert!(matches!(e, ConfigError::UnknownOption { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("`key`")
+                && m.contains("keyring")
+                && m.contains("rbd")
+                && !m.contains("hunter2"),
+            "{m}"
+        );
+
+        for opts in [
+            "{conf: c, connect_timeout: hunter2}",
+            "{conf: c, connect_timeout: 0}",
+            "{conf: c, connect_timeout: -3}",
+            "{conf: c, connect_timeout: 99999}",
+        ] {
+            let e = parse(opts);
+            assert!(matches!(e, ConfigError::BadOption { .. }), "{opts}: {e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains("connect_timeout") && !m.contains("hunter2") && !m.contains("99999"),
+                "{m}"
+            );
+        }
+        for (opts, key) in [
+            ("{conf: [hunter2]}", "conf"),
+            ("{conf: ''}", "conf"),
+            ("{conf: c, id: 12345}", "id"),
+            ("{conf: c, keyring: {a: hunter2}}", "keyring"),
+        ] {
+            let e = parse(opts);
+            assert!(matches!(e, ConfigError::BadOption { .. }), "{opts}: {e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains(&format!("`{key}`")) && !m.contains("hunter2") && !m.contains("12345"),
+                "{m}"
+            );
+        }
+
+        let e = parse("hunter2");
+        assert!(matches!(e, ConfigError::BadOption { .. }), "{e:?}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn rbd_driver_is_known() {
+        let t = setup();
+        let yaml = "backends:
+  - name: ceph
+    driver: rbd
+    pools: {p: rbd}
+backup:
+  default_target: ceph:p
+";
+        let e = err(yaml, t.path());
+        assert!(matches!(e, ConfigError::BadOption { .. }), "{e:?}");
+        assert!(e.to_string().contains("`conf`"), "{e}");
+        let e = err(&yaml.replace("driver: rbd", "driver: nfs"), t.path());
+        let m = e.to_string();
+        assert!(m.contains("file") && m.contains("rbd"), "{m}");
     }
 }

@@ -191,6 +191,16 @@ impl Rados {
             .into_owned())
     }
 
+    /// Raw capacity and free space of the cluster, in bytes (librados has
+    /// no per-pool free space: every pool draws on the same OSDs).
+    pub fn capacity(&self) -> Result<(u64, u64), RbdError> {
+        let mut st = ffi::rados_cluster_stat_t::default();
+        // SAFETY: valid handle and a struct to fill.
+        let r = unsafe { (self.api.rados.rados_cluster_stat)(self.handle, &mut st) };
+        check(r.into(), "rados_cluster_stat", || self.desc.clone())?;
+        Ok((st.kb * 1024, st.kb_avail * 1024))
+    }
+
     /// The id of a pool by name.
     pub fn pool_id(&self, pool: &str) -> Result<i64, RbdError> {
         let c = cstr(pool, &self.desc)?;
@@ -509,6 +519,29 @@ impl Image {
         self.call("rbd_snap_unprotect", unsafe {
             (self.api().rbd.rbd_snap_unprotect)(self.handle, c.as_ptr())
         })
+    }
+
+    /// How many clients watch the image (a client that opened it for
+    /// writing, such as a hypervisor, keeps a watch on its header).
+    pub fn watcher_count(&self) -> Result<usize, RbdError> {
+        let mut max: usize = 8;
+        loop {
+            let mut list: Vec<ffi::rbd_image_watcher_t> = Vec::with_capacity(max);
+            // SAFETY: room for max entries; librbd sets max to the count.
+            let r = unsafe {
+                (self.api().rbd.rbd_watchers_list)(self.handle, list.as_mut_ptr(), &mut max)
+            };
+            if r == -libc::ERANGE {
+                continue; // max now holds the count needed
+            }
+            self.call("rbd_watchers_list", r)?;
+            // SAFETY: librbd filled max entries; cleanup frees their strings.
+            unsafe {
+                list.set_len(max);
+                (self.api().rbd.rbd_watchers_list_cleanup)(list.as_mut_ptr(), max);
+            }
+            return Ok(max);
+        }
     }
 
     pub fn snap_list(&self) -> Result<Vec<SnapInfo>, RbdError> {

@@ -51,6 +51,22 @@ pub struct rbd_image_info_t {
     pub parent_name: [c_char; 96],
 }
 
+#[repr(C)]
+pub struct rbd_image_watcher_t {
+    pub addr: *mut c_char,
+    pub id: i64,
+    pub cookie: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub struct rados_cluster_stat_t {
+    pub kb: u64,
+    pub kb_used: u64,
+    pub kb_avail: u64,
+    pub num_objects: u64,
+}
+
 /// Declares a table of C functions and how to resolve it from one library.
 macro_rules! c_api {
     ($table:ident { $( fn $name:ident($($arg:ty),*) $(-> $ret:ty)?; )* }) => {
@@ -88,6 +104,7 @@ c_api!(RadosFns {
     fn rados_shutdown(rados_t);
     fn rados_cluster_fsid(rados_t, *mut c_char, usize) -> c_int;
     fn rados_pool_lookup(rados_t, *const c_char) -> i64;
+    fn rados_cluster_stat(rados_t, *mut rados_cluster_stat_t) -> c_int;
     fn rados_ioctx_create(rados_t, *const c_char, *mut rados_ioctx_t) -> c_int;
     fn rados_ioctx_destroy(rados_ioctx_t);
     fn rados_ioctx_set_namespace(rados_ioctx_t, *const c_char);
@@ -107,6 +124,8 @@ c_api!(RbdFns {
     fn rbd_get_features(rbd_image_t, *mut u64) -> c_int;
     fn rbd_resize(rbd_image_t, u64) -> c_int;
     fn rbd_flush(rbd_image_t) -> c_int;
+    fn rbd_watchers_list(rbd_image_t, *mut rbd_image_watcher_t, *mut usize) -> c_int;
+    fn rbd_watchers_list_cleanup(*mut rbd_image_watcher_t, usize);
     fn rbd_snap_create(rbd_image_t, *const c_char) -> c_int;
     fn rbd_snap_remove(rbd_image_t, *const c_char) -> c_int;
     fn rbd_snap_list(rbd_image_t, *mut rbd_snap_info_t, *mut c_int) -> c_int;

@@ -30,12 +30,6 @@ impl Throttle {
     pub fn take(&mut self, n: u64) {
         self.granted += n;
     }
-
-    /// Blocks until `n` more bytes may start, and counts them.
-    pub fn wait(&mut self, n: u64) {
-        std::thread::sleep(self.delay(n));
-        self.take(n);
-    }
 }
 
 #[cfg(test)]
@@ -47,7 +41,8 @@ mod tests {
         let mut t = Throttle::new(10 << 20);
         let start = Instant::now();
         for _ in 0..4 {
-            t.wait(1 << 20);
+            std::thread::sleep(t.delay(1 << 20));
+            t.take(1 << 20);
         }
         let e = start.elapsed().as_secs_f64();
         assert!((0.39..0.6).contains(&e), "4 MiB at 10 MiB/s took {e}s");
