@@ -408,7 +408,7 @@ impl Catalog {
     pub fn list_backups(&self) -> Result<Vec<BackupRecord>> {
         let mut st = self
             .conn
-            .prepare(&format!("{BACKUP_SELECT} ORDER BY created_at, id"))
+            .prepare(&format!("{BACKUP_SELECT} ORDER BY created_at, rowid"))
             .map_err(|e| self.sql(e))?;
         let rows = st.query_map([], backup_from_row).map_err(|e| self.sql(e))?;
         let mut out = Vec::new();

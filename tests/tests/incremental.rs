@@ -1100,3 +1100,54 @@ fn interrupted_incremental_forces_a_full_onto_a_new_volume() {
         assert_eq!(object_files(&inst, VAULT), Vec::<String>::new());
     });
 }
+
+#[test]
+fn verification_of_an_incremental_catches_a_corrupted_write() {
+    with_scratch(|s| {
+        let _sweep = LoopSweeper::new(s.path());
+        // Verification on (it is also the default), 64 KiB map blocks.
+        let inst = installation(s, &format!("{MAP64}  copy: {{ verify: true }}\n"));
+        let size = 16 * MIB;
+        let vol = inst.create_volume(GOLD, "verified", size);
+        let img = inst.volume_img(GOLD, &vol);
+        change(&img, &[Region::random(0, 8 * MIB, 1)]);
+        let b0 = backup(&inst, &vol, &[]);
+        // One changed block; the fail point flips a byte of the data written
+        // there, after the source's map was computed from the true data.
+        change(&img, &[Region::random(3 * MIB, 4096, 2)]);
+        let offset = 3 * MIB + 100;
+        let fp = format!("copy_corrupt_write=return({offset})");
+        let r = run(backup_command(&inst, &vol, &["--incremental"], Some(&fp)));
+        assert!(
+            !r.status().success(),
+            "a corrupted incremental must fail\n{}",
+            r.describe()
+        );
+        assert!(
+            r.stderr.contains("does not match the block map")
+                && r.stderr.contains(&(3 * MIB).to_string()),
+            "the error names the map mismatch and the block\n{}",
+            r.describe()
+        );
+        // It is not available, and its chain is not trusted any more: the
+        // next backup is a full one onto a new volume, and it restores.
+        let list: Value =
+            serde_json::from_str(&inst.ok(["backup", "list", "--json"]).stdout).unwrap();
+        let states: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            states.iter().filter(|s| **s == "available").count(),
+            1,
+            "{list}"
+        );
+        let b2 = backup(&inst, &vol, &["--incremental"]);
+        assert_forced_full(&b2, Some(&b0), &["no longer matches"]);
+        let expected = s.join("source-now.img");
+        record_copy(&img, &expected);
+        assert_restores(&inst, &id(&b2), &expected, "after-corruption");
+    });
+}

@@ -303,17 +303,37 @@ pub fn copy(
     let (mut source, mut destination) = (source, destination);
     if opts.verify {
         if let Some(expected) = &report.block_map {
-            // Compare maps: works for incremental copies too, where the
-            // source was only partly read.
-            let got = block_map(
-                &mut *destination,
-                opts,
-                expected.block_size,
-                size,
-                &counters,
-                start,
-                progress,
-            )?;
+            // Compare maps. After an incremental copy only the blocks that
+            // differ from the parent (and any the driver said changed) were
+            // written: those are read back; the rest is the parent's data,
+            // checked when the parent was made.
+            let plan = opts.block_map.as_ref();
+            let parent = plan.and_then(|m| m.parent.as_ref());
+            let got = match parent {
+                Some(parent) => {
+                    let ranges =
+                        written_blocks(parent, expected, plan.and_then(|m| m.only.as_deref()));
+                    let base = Arc::new(expected.clone());
+                    block_map_within(
+                        &mut *destination,
+                        opts,
+                        base,
+                        ranges,
+                        &counters,
+                        start,
+                        progress,
+                    )?
+                }
+                None => block_map(
+                    &mut *destination,
+                    opts,
+                    expected.block_size,
+                    size,
+                    &counters,
+                    start,
+                    progress,
+                )?,
+            };
             if let Some(offset) = expected.first_difference(&got) {
                 return Err(CopyError::MapMismatch {
                     device: destination.name().to_string(),
@@ -478,6 +498,45 @@ pub fn block_map(
     });
     let scanned = read_back(dev, cfg, counters, start, progress)?;
     Ok(scanned.block_map.expect("a map scan yields a map"))
+}
+
+/// Reads back only `ranges` of the device and returns `base` with the
+/// blocks in them replaced by what was read.
+fn block_map_within(
+    dev: &mut dyn BlockDevice,
+    opts: &CopyOptions,
+    base: Arc<BlockMap>,
+    ranges: Vec<(u64, u64)>,
+    counters: &Counters,
+    start: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BlockMap, CopyError> {
+    let mut cfg = reader::ScanConfig::for_copy(opts, base.size);
+    cfg.hash = false;
+    cfg.block_map = Some(MapPlan {
+        block: base.block_size,
+        parent: Some(base),
+        compare_parent: false,
+        only: Some(ranges),
+    });
+    let scanned = read_back(dev, cfg, counters, start, progress)?;
+    Ok(scanned.block_map.expect("a map scan yields a map"))
+}
+
+/// The byte ranges an incremental copy wrote: blocks whose hash differs
+/// from the parent's, and the ranges it was told to copy.
+fn written_blocks(
+    parent: &BlockMap,
+    new: &BlockMap,
+    only: Option<&[(u64, u64)]>,
+) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = only.map(<[_]>::to_vec).unwrap_or_default();
+    for (i, (a, b)) in parent.hashes.iter().zip(&new.hashes).enumerate() {
+        if a != b {
+            ranges.push((i as u64 * new.block_size, new.block_len(i)));
+        }
+    }
+    ranges
 }
 
 /// Runs a read-only scan (progress counted as verification) in a thread

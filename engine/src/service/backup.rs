@@ -76,7 +76,9 @@ impl Service {
                         && b.target_backend == target.backend
                         && b.target_pool == target.pool
                 })
-                .max_by_key(|b| (b.created_at, b.completed_at)),
+                // The catalog lists in creation order (time, then insertion),
+                // so the last match is the newest even within one second.
+                .next_back(),
         };
         let full = |reason: String| {
             Ok(Base::Full {

@@ -30,8 +30,11 @@ const MONDAY_SHIFT: u64 = 3 * DAY;
 
 /// The ids to keep among `backups` (any order).
 pub fn choose(backups: &[BackupRecord], policy: KeepPolicy) -> BTreeSet<String> {
-    let mut newest_first: Vec<&BackupRecord> = backups.iter().collect();
-    newest_first.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    // `backups` come in catalog order (creation time, then insertion): a
+    // stable sort of the reversed list keeps the later insertion first
+    // among backups of the same second.
+    let mut newest_first: Vec<&BackupRecord> = backups.iter().rev().collect();
+    newest_first.sort_by(|a, b| b.created_at.cmp(&a.created_at));
     let mut keep = BTreeSet::new();
     for b in newest_first.iter().take(policy.last) {
         keep.insert(b.id.clone());
