@@ -66,19 +66,14 @@ impl Service {
                 }
                 Some(p)
             }
-            None => self
-                .catalog
-                .list_backups()?
-                .into_iter()
-                .filter(|b| {
-                    b.volume_id == volume_id
-                        && b.state == BackupState::Available
-                        && b.target_backend == target.backend
-                        && b.target_pool == target.pool
-                })
-                // The catalog lists in creation order (time, then insertion),
-                // so the last match is the newest even within one second.
-                .next_back(),
+            // The catalog lists in creation order (time, then insertion), so
+            // the last match is the newest even within one second.
+            None => self.catalog.list_backups()?.into_iter().rfind(|b| {
+                b.volume_id == volume_id
+                    && b.state == BackupState::Available
+                    && b.target_backend == target.backend
+                    && b.target_pool == target.pool
+            }),
         };
         let full = |reason: String| {
             Ok(Base::Full {

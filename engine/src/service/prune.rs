@@ -34,7 +34,7 @@ pub fn choose(backups: &[BackupRecord], policy: KeepPolicy) -> BTreeSet<String> 
     // stable sort of the reversed list keeps the later insertion first
     // among backups of the same second.
     let mut newest_first: Vec<&BackupRecord> = backups.iter().rev().collect();
-    newest_first.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    newest_first.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     let mut keep = BTreeSet::new();
     for b in newest_first.iter().take(policy.last) {
         keep.insert(b.id.clone());
