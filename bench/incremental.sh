@@ -47,13 +47,15 @@
 #   CHANGE_CHUNK=1M  size of each overwritten piece
 #   CHANGE_ALIGN=4K  alignment of the pieces' offsets (4K: pieces usually
 #                    straddle map blocks; MAP_BLOCK: they never do)
-#   VAULT_FS=ext4    ext4: the vault is a directory in BENCH_DIR (as above);
-#                    xfs: the vault gets its own reflink XFS on a loop device
-#                    (its restore-point snapshots become reflinks instead of
-#                    data copies)
+#   VAULT_FS=xfs     xfs (default): the vault gets its own reflink XFS on a
+#                    loop device, as a file-pool backup target should (its
+#                    restore-point snapshots are reflinks);
+#                    ext4: the vault is a directory in BENCH_DIR, and every
+#                    restore point is a full data copy of the volume
 #   VERIFY=          unset: the engine's default for backup.copy.verify
-#                    (true: every backup reads its whole destination back
-#                    to check the block map, incrementals included);
+#                    (true: every backup reads back what it wrote to check
+#                    the block map: a full its whole destination, an
+#                    incremental only the blocks it wrote);
 #                    0 or 1: write `copy: {verify: false|true}` into the
 #                    configurations
 #   SEED=n           seed for the changed ranges (default: random, printed)
@@ -77,7 +79,7 @@ MAP_BLOCK=${MAP_BLOCK:-256K}
 CHANGE_PCT=${CHANGE_PCT:-5}
 CHANGE_CHUNK=${CHANGE_CHUNK:-1M}
 CHANGE_ALIGN=${CHANGE_ALIGN:-4K}
-VAULT_FS=${VAULT_FS:-ext4}
+VAULT_FS=${VAULT_FS:-xfs}
 VERIFY=${VERIFY:-}
 SEED=${SEED:-$(( (RANDOM << 15) | RANDOM ))}
 export VOLBACK_LOG=${VOLBACK_LOG:-warn}
