@@ -23,6 +23,26 @@ pub use error::{DriverError, DriverErrorKind};
 
 pub type Result<T> = std::result::Result<T, DriverError>;
 
+/// Longest volume or snapshot id a driver accepts.
+pub const MAX_ID_LEN: usize = 200;
+
+/// Whether an id is acceptable: ids become file and image names, so only
+/// 1 to [`MAX_ID_LEN`] of `[A-Za-z0-9._-]`, not starting with '.' (no path
+/// escapes, no clash with hidden temporary files). UUIDs pass.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The error message for an id [`valid_id`] refuses.
+pub fn invalid_id_message(what: &str) -> String {
+    format!("invalid {what} id: use 1 to {MAX_ID_LEN} of [A-Za-z0-9._-], not starting with '.'")
+}
+
 /// Free-form key/value metadata a driver keeps with a volume.
 pub type Metadata = BTreeMap<String, String>;
 

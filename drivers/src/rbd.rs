@@ -35,7 +35,6 @@ const VOLUME_PREFIX: &str = "volume-";
 const SNAPSHOT_PREFIX: &str = "snapshot-";
 const NAME_KEY: &str = "volback.name";
 const META_PREFIX: &str = "volback.meta.";
-const MAX_ID_LEN: usize = 200;
 
 /// The `rbd` driver of one configured backend.
 pub struct RbdDriver {
@@ -97,19 +96,13 @@ impl Pool<'_> {
     }
 
     fn check_id(&self, what: &str, id: &str) -> Result<()> {
-        let ok = !id.is_empty()
-            && id.len() <= MAX_ID_LEN
-            && !id.starts_with('.')
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if ok {
+        if crate::valid_id(id) {
             Ok(())
         } else {
             Err(self.err(
                 DriverErrorKind::InvalidArgument,
                 format!("{what} '{id}'"),
-                format!("invalid {what} id: use 1 to {MAX_ID_LEN} of [A-Za-z0-9._-], not starting with '.'"),
+                crate::invalid_id_message(what),
             ))
         }
     }

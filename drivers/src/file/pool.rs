@@ -14,9 +14,6 @@ use super::sidecar::{self, SnapshotRecord, VolumeRecord};
 use crate::loopdev;
 use crate::{DriverError, DriverErrorKind, ExportTarget, Result, VolumeInfo};
 
-/// Longest id accepted (ids become file names, at most 255 bytes).
-const MAX_ID_LEN: usize = 200;
-
 /// One configured pool, resolved for an operation.
 pub(super) struct Pool<'a> {
     pub name: &'a str,
@@ -75,19 +72,13 @@ impl Pool<'_> {
     /// Ids become file names: refuse anything that could escape the pool
     /// directory or collide with our temporary files.
     pub fn check_id(&self, what: &str, id: &str) -> Result<()> {
-        let ok = !id.is_empty()
-            && id.len() <= MAX_ID_LEN
-            && !id.starts_with('.')
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if ok {
+        if crate::valid_id(id) {
             Ok(())
         } else {
             Err(self.err(
                 DriverErrorKind::InvalidArgument,
                 format!("{what} '{id}'"),
-                format!("invalid {what} id: use 1 to {MAX_ID_LEN} of [A-Za-z0-9._-], not starting with '.'"),
+                crate::invalid_id_message(what),
             ))
         }
     }
