@@ -91,6 +91,55 @@ impl Pool<'_> {
         DriverError::new(kind, &self.label, object, message)
     }
 
+    /// The error of creating a volume's image: AlreadyExists for EEXIST.
+    fn create_err(
+        &self,
+        object: &str,
+        id: &str,
+        image: &str,
+        what: &str,
+        e: RbdError,
+    ) -> DriverError {
+        if is_errno(&e, libc::EEXIST) {
+            self.err(
+                DriverErrorKind::AlreadyExists,
+                object,
+                format!("volume '{id}' already exists (image {image})"),
+            )
+        } else {
+            self.rbd_err(object, what, e)
+        }
+    }
+
+    /// Writes a new image's metadata, its name last (an image with a name
+    /// is a finished volume), and removes the image if that fails.
+    fn finish_volume(
+        &self,
+        object: &str,
+        id: &str,
+        image_name: &str,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<VolumeInfo> {
+        let finish = || -> Result<VolumeInfo> {
+            let image = self.open_volume(id, false)?;
+            for (k, v) in metadata {
+                image
+                    .metadata_set(&format!("{META_PREFIX}{k}"), v)
+                    .map_err(|e| self.rbd_err(object, "writing the image metadata", e))?;
+            }
+            image
+                .metadata_set(NAME_KEY, name)
+                .map_err(|e| self.rbd_err(object, "writing the image metadata", e))?;
+            self.volume_info(id, &image)
+        };
+        finish().inspect_err(|_| {
+            if let Err(re) = self.ioctx.remove_image(image_name) {
+                warn!(pool = %self.name, volume = id, error = %re, "could not remove the unfinished image");
+            }
+        })
+    }
+
     fn rbd_err(&self, object: impl Into<String>, what: &str, e: RbdError) -> DriverError {
         self.err(kind_of(&e), object, format!("{what}: {e}"))
     }
@@ -436,42 +485,10 @@ impl VolumeDriver for RbdDriver {
         let image_name = volume_image(id);
         pool.ioctx
             .create_image(&image_name, size, RBD_FEATURE_LAYERING)
-            .map_err(|e| {
-                if is_errno(&e, libc::EEXIST) {
-                    pool.err(
-                        DriverErrorKind::AlreadyExists,
-                        &object,
-                        format!("volume '{id}' already exists (image {image_name})"),
-                    )
-                } else {
-                    pool.rbd_err(&object, "creating the image", e)
-                }
-            })?;
-        let finish = || -> Result<VolumeInfo> {
-            let image = pool.open_volume(id, false)?;
-            for (k, v) in metadata {
-                image
-                    .metadata_set(&format!("{META_PREFIX}{k}"), v)
-                    .map_err(|e| pool.rbd_err(&object, "writing the image metadata", e))?;
-            }
-            // Last: an image with a name is a finished volume.
-            image
-                .metadata_set(NAME_KEY, name)
-                .map_err(|e| pool.rbd_err(&object, "writing the image metadata", e))?;
-            pool.volume_info(id, &image)
-        };
-        match finish() {
-            Ok(v) => {
-                info!(pool = %pool.name, volume = id, size, "created volume");
-                Ok(v)
-            }
-            Err(e) => {
-                if let Err(re) = pool.ioctx.remove_image(&image_name) {
-                    warn!(pool = %pool.name, volume = id, error = %re, "could not remove the unfinished image");
-                }
-                Err(e)
-            }
-        }
+            .map_err(|e| pool.create_err(&object, id, &image_name, "creating the image", e))?;
+        let v = pool.finish_volume(&object, id, &image_name, name, metadata)?;
+        info!(pool = %pool.name, volume = id, size, "created volume");
+        Ok(v)
     }
 
     /// Refused (Busy) while the volume has snapshots, or while a client
@@ -658,36 +675,10 @@ impl VolumeDriver for RbdDriver {
                 &child,
                 RBD_FEATURE_LAYERING,
             )
-            .map_err(|e| {
-                if is_errno(&e, libc::EEXIST) {
-                    pool.err(
-                        DriverErrorKind::AlreadyExists,
-                        &object,
-                        format!("volume '{id}' already exists (image {child})"),
-                    )
-                } else {
-                    pool.rbd_err(&object, "cloning the snapshot", e)
-                }
-            })?;
-        let finish = || -> Result<VolumeInfo> {
-            let image = pool.open_volume(id, false)?;
-            image
-                .metadata_set(NAME_KEY, name)
-                .map_err(|e| pool.rbd_err(&object, "writing the image metadata", e))?;
-            pool.volume_info(id, &image)
-        };
-        match finish() {
-            Ok(v) => {
-                info!(pool = %pool.name, snapshot = snapshot_id, volume = id, "created volume from snapshot (clone)");
-                Ok(v)
-            }
-            Err(e) => {
-                if let Err(re) = pool.ioctx.remove_image(&child) {
-                    warn!(pool = %pool.name, volume = id, error = %re, "could not remove the unfinished clone");
-                }
-                Err(e)
-            }
-        }
+            .map_err(|e| pool.create_err(&object, id, &child, "cloning the snapshot", e))?;
+        let v = pool.finish_volume(&object, id, &child, name, &Metadata::new())?;
+        info!(pool = %pool.name, snapshot = snapshot_id, volume = id, "created volume from snapshot (clone)");
+        Ok(v)
     }
 
     fn export(
