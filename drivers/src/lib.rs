@@ -11,6 +11,7 @@
 //! unexport is idempotent for the same reason.
 
 mod error;
+pub mod fast_path;
 pub mod file;
 pub mod loopdev;
 pub mod rbd;
@@ -20,6 +21,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use error::{DriverError, DriverErrorKind};
+pub use fast_path::{FastPath, TransferObserver, TransferReport, TransferRequest};
 
 pub type Result<T> = std::result::Result<T, DriverError>;
 
@@ -205,5 +207,12 @@ pub trait VolumeDriver: Send + Sync {
     ) -> Result<Option<Vec<ChangedRange>>> {
         let _ = (pool, from_snapshot, to_snapshot);
         Ok(None)
+    }
+
+    /// This driver's vendor fast path for backups read from its volumes,
+    /// if it has one (see [`fast_path`]). The engine tries it before the
+    /// generic copy unless told `--generic`.
+    fn fast_path(&self) -> Option<&dyn FastPath> {
+        None
     }
 }

@@ -17,6 +17,8 @@
 //! (and snapshot) and how to reach the cluster (conf, user, keyring path,
 //! never a key), and the `rbd` connector opens it in-process.
 
+mod fast_path;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -417,6 +419,12 @@ impl RbdDriver {
         if let Some(k) = &self.cluster.keyring {
             p.insert("keyring".to_string(), abs(k));
         }
+        let ms = |d: std::time::Duration| d.as_millis().to_string();
+        p.insert(
+            "connect_timeout_ms".to_string(),
+            ms(self.cluster.connect_timeout),
+        );
+        p.insert("op_timeout_ms".to_string(), ms(self.cluster.op_timeout));
         p
     }
 }
@@ -752,6 +760,11 @@ impl VolumeDriver for RbdDriver {
     fn supports_change_tracking(&self, pool: &str) -> Result<bool> {
         self.pool(pool)?;
         Ok(true)
+    }
+
+    /// Ceph to Ceph by RBD diffs (see [`fast_path`]).
+    fn fast_path(&self) -> Option<&dyn crate::FastPath> {
+        Some(self)
     }
 
     /// RBD's diff of `to_snapshot` against `from_snapshot`, including the

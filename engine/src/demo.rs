@@ -286,6 +286,7 @@ pub fn run(dir: Option<PathBuf>, keep: bool, size: u64) -> Result<(), DemoError>
         snapshot: false,
         incremental,
         parent: None,
+        generic: false,
     };
     let full = svc.backup(&request(false), &mut |_| {}).map_err(err)?;
     describe(&full);

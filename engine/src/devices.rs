@@ -2,7 +2,7 @@
 //! block device, or an RBD image in qemu's form
 //! `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER][:keyring=PATH]`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use volback_connectors::local::{create_sparse_file, DirectIo, LocalDevice, LocalOptions};
 use volback_connectors::rbd::{Rados, RbdDevice, RbdSpec, RBD_FEATURE_LAYERING};
@@ -135,7 +135,8 @@ pub fn attach(
             Ok(Box::new(LocalDevice::open(Path::new(path), &opts)?))
         }
         "rbd" => {
-            let spec = rbd_connection_spec(conn)?;
+            let spec = RbdSpec::from_properties(&conn.properties)
+                .map_err(|e| DeviceError::invalid("rbd connector", e.to_string()))?;
             Ok(Box::new(RbdDevice::open(
                 &spec,
                 writable && !conn.read_only,
@@ -147,34 +148,4 @@ pub fn attach(
             format!("no connector named '{other}' (known: local, rbd)"),
         )),
     }
-}
-
-/// The image an `rbd` connection info names: properties `pool`, `image`,
-/// optional `snapshot`, and how to reach the cluster (`conf`, `id`,
-/// `keyring`: paths and a user name, never a key).
-fn rbd_connection_spec(conn: &volback_drivers::ConnectionInfo) -> Result<RbdSpec, DeviceError> {
-    let prop = |k: &str| conn.properties.get(k).filter(|v| !v.is_empty()).cloned();
-    let required = |k: &str| {
-        prop(k).ok_or_else(|| {
-            DeviceError::invalid(
-                "rbd connector",
-                format!("connection info has no '{k}' property"),
-            )
-        })
-    };
-    let pool = required("pool")?;
-    let image = required("image")?;
-    let cluster = volback_connectors::rbd::ClusterConfig {
-        conf: prop("conf").map(PathBuf::from),
-        id: prop("id"),
-        keyring: prop("keyring").map(PathBuf::from),
-        ..Default::default()
-    };
-    Ok(RbdSpec {
-        pool,
-        namespace: prop("namespace"),
-        image,
-        snap: prop("snapshot"),
-        cluster,
-    })
 }

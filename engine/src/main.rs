@@ -116,6 +116,10 @@ enum BackupCmd {
         /// Copy only what changed since this backup.
         #[arg(long)]
         parent: Option<String>,
+        /// Copy through connectors and the copy engine even when the source
+        /// driver has a fast path (e.g. Ceph to Ceph by RBD diffs).
+        #[arg(long)]
+        generic: bool,
         #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
         progress: ProgressMode,
         #[arg(long)]
@@ -461,6 +465,7 @@ fn tracking_name(t: &str) -> &str {
     match t {
         "driver" => "the source driver's change tracking",
         "hash-map" => "comparing block hashes with the parent's map",
+        "rbd-diff" => "the rbd driver's fast path (RBD diffs, Ceph to Ceph)",
         other => other,
     }
 }
@@ -474,6 +479,7 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
             snapshot,
             incremental,
             parent,
+            generic,
             progress,
             json,
         } => {
@@ -488,6 +494,7 @@ fn backup(mut s: Service, cmd: BackupCmd) -> CmdResult {
                 snapshot,
                 incremental,
                 parent,
+                generic,
             };
             let result = s.backup(&req, &mut |p| reporter.update(p));
             reporter.close();

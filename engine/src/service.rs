@@ -63,6 +63,7 @@ boxed_from!(
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
 mod backup;
+mod fast;
 mod prune;
 mod records;
 mod restore;
@@ -283,9 +284,19 @@ impl Service {
     ) -> Result<CopyReport> {
         let src = devices::attach(source, false, opts.queue_depth)?;
         let dst = devices::attach(destination, true, opts.queue_depth)?;
-        let mut last_saved = std::time::Instant::now();
+        let mut recorder = self.progress_recorder(op);
         let copied = copy::copy(src, dst, opts, &mut |p| {
             progress(p);
+            recorder(p);
+        })?;
+        Ok(copied.report)
+    }
+
+    /// Records a copy's progress in its operation, at most once a second
+    /// (and is where the crash tests' `copy_half_done` fail point sits).
+    fn progress_recorder<'a>(&'a self, op: &'a Operation) -> impl FnMut(&Progress) + 'a {
+        let mut last_saved = std::time::Instant::now();
+        move |p: &Progress| {
             if p.total > 0 && p.done * 2 >= p.total {
                 fail::fail_point!("copy_half_done", |_| crash("copy_half_done"));
             }
@@ -295,8 +306,7 @@ impl Service {
                     tracing::warn!(error = %e, "could not record progress");
                 }
             }
-        })?;
-        Ok(copied.report)
+        }
     }
 
     /// Removes an operation's live resources, newest first. With `success`,

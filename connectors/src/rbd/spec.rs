@@ -6,9 +6,11 @@
 //! would show in process listings and shell history, and a spec is echoed
 //! in logs. Errors name the part that is wrong, never the whole input.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use super::cluster::ClusterConfig;
 
@@ -29,6 +31,40 @@ pub struct RbdSpec {
 pub struct SpecError(String);
 
 impl RbdSpec {
+    /// The spec a driver's connection info describes: properties `pool`,
+    /// `image`, optional `namespace` and `snapshot`, and how to reach the
+    /// cluster: `conf`, `id`, `keyring` (paths and a user name, never a
+    /// key) and `connect_timeout_ms`, `op_timeout_ms`.
+    pub fn from_properties(props: &BTreeMap<String, String>) -> Result<RbdSpec, SpecError> {
+        let prop = |k: &str| props.get(k).filter(|v| !v.is_empty()).cloned();
+        let required = |k: &str| {
+            prop(k).ok_or_else(|| SpecError(format!("connection info has no '{k}' property")))
+        };
+        let millis = |k: &str| -> Result<Option<Duration>, SpecError> {
+            prop(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map(Duration::from_millis)
+                        .map_err(|_| SpecError(format!("property '{k}' is not a number of ms")))
+                })
+                .transpose()
+        };
+        let defaults = ClusterConfig::default();
+        Ok(RbdSpec {
+            pool: required("pool")?,
+            namespace: prop("namespace"),
+            image: required("image")?,
+            snap: prop("snapshot"),
+            cluster: ClusterConfig {
+                conf: prop("conf").map(PathBuf::from),
+                id: prop("id"),
+                keyring: prop("keyring").map(PathBuf::from),
+                connect_timeout: millis("connect_timeout_ms")?.unwrap_or(defaults.connect_timeout),
+                op_timeout: millis("op_timeout_ms")?.unwrap_or(defaults.op_timeout),
+            },
+        })
+    }
+
     /// `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]`: the short name used for the
     /// device in logs and errors.
     pub fn image_spec(&self) -> String {

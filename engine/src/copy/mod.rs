@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use volback_connectors::{AlignedBuf, BlockDevice, DeviceError, IoOp, Returned};
 
-pub use blockmap::{BlockMap, DEFAULT_MAP_BLOCK};
+pub use blockmap::{block_hash, zero_block_hash, BlockMap, DEFAULT_MAP_BLOCK};
 pub use blocks::{analyze, is_zero, Run, RunKind};
 pub use plan::{Planner, Step, GRID};
 
@@ -502,7 +502,7 @@ pub fn block_map(
 
 /// Reads back only `ranges` of the device and returns `base` with the
 /// blocks in them replaced by what was read.
-fn block_map_within(
+pub fn block_map_within(
     dev: &mut dyn BlockDevice,
     opts: &CopyOptions,
     base: Arc<BlockMap>,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use volback_drivers::ExportTarget;
 
+use super::fast::FastJob;
 use super::{Result, Service, ServiceError};
 use crate::catalog::{self, BackupRecord, BackupState, CompletedBackup, ResourceKind};
 use crate::config::PoolRef;
@@ -29,6 +30,8 @@ pub struct BackupRequest {
     pub incremental: bool,
     /// Copy only what changed since this backup (implies incremental).
     pub parent: Option<String>,
+    /// Use the generic copy even when the source driver has a fast path.
+    pub generic: bool,
 }
 
 /// What a backup builds on.
@@ -226,7 +229,7 @@ impl Service {
         let op = self.catalog.begin_operation("backup", Some(&record.id))?;
         tracing::info!(backup = %record.id, volume = %src.id, target = %target, mode, use_snapshot, "backup starting");
 
-        let mut run = || -> Result<(crate::copy::CopyReport, &'static str, Option<String>, Option<String>)> {
+        let mut run = || -> Result<(crate::copy::CopyReport, String, Option<String>, Option<String>)> {
             fail::fail_point!("backup_start", |_| super::crash("backup_start"));
             let source_snapshot = if use_snapshot {
                 let snap = self.snapshot(&op, &src_driver, &src.backend, &src.pool, &src.id, tracking)?;
@@ -254,38 +257,6 @@ impl Service {
                 )?;
                 self.catalog.set_resource_state(rid, "created")?;
             }
-            let (plan, tracked) = match &base {
-                Base::Full { .. } => {
-                    (MapPlan { block: map_block, parent: None, compare_parent: false, only: None }, "full")
-                }
-                Base::Incremental { parent, map } => {
-                    let ranges = match (&parent.source_snapshot_id, &source_snapshot) {
-                        (Some(old), Some(new)) => match src_driver.changed_ranges(&src.pool, old, new) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "change tracking failed; comparing block hashes instead");
-                                None
-                            }
-                        },
-                        _ => None,
-                    };
-                    match ranges {
-                        Some(r) => (
-                            MapPlan {
-                                block: map_block,
-                                parent: Some(map.clone()),
-                                compare_parent: false,
-                                only: Some(r.iter().map(|c| (c.offset, c.len)).collect()),
-                            },
-                            "driver",
-                        ),
-                        None => (
-                            MapPlan { block: map_block, parent: Some(map.clone()), compare_parent: true, only: None },
-                            "hash-map",
-                        ),
-                    }
-                }
-            };
             let source_target = match &source_snapshot {
                 Some(s) => ExportTarget::Snapshot(s.clone()),
                 None => ExportTarget::Volume(src.id.clone()),
@@ -294,7 +265,41 @@ impl Service {
             let dest_target = ExportTarget::Volume(record.target_volume_id.clone());
             let dest_conn = self.export(&op, &dst_driver, &target.backend, &target.pool, &dest_target, false)?;
             fail::fail_point!("backup_before_copy", |_| super::crash("backup_before_copy"));
-            let report = self.copy(&op, &source_conn, &dest_conn, &self.copy_options(new_volume, plan, false), progress)?;
+            // A driver's fast path goes first: it needs the source snapshot,
+            // and for an incremental the snapshot its parent was read from.
+            let fast_job = match (&source_snapshot, &base) {
+                _ if req.generic => None,
+                (Some(snap), Base::Full { .. }) => Some((snap, None)),
+                (Some(snap), Base::Incremental { parent, map }) => {
+                    parent.source_snapshot_id.as_deref().map(|old| (snap, Some((old, map.clone()))))
+                }
+                (None, _) => None,
+            };
+            let fast = match fast_job {
+                Some((snapshot, since)) => {
+                    let job = FastJob {
+                        pool: &src.pool,
+                        snapshot,
+                        since,
+                        destination: &dest_conn,
+                        destination_is_zero: new_volume,
+                        map_block,
+                        size: info.size,
+                    };
+                    self.fast_transfer(&op, &src_driver, &job, progress)?
+                }
+                None => None,
+            };
+            let (report, tracked) = match fast {
+                Some(done) => done,
+                None => {
+                    let (plan, tracked) =
+                        self.generic_plan(&base, &src_driver, &src.pool, source_snapshot.as_deref(), map_block);
+                    let opts = self.copy_options(new_volume, plan, false);
+                    let report = self.copy(&op, &source_conn, &dest_conn, &opts, progress)?;
+                    (report, tracked.to_string())
+                }
+            };
             fail::fail_point!("backup_after_copy", |_| super::crash("backup_after_copy"));
             // Exports (and a snapshot not kept for tracking) go; then the
             // restore point is taken of the settled volume.
@@ -323,7 +328,7 @@ impl Service {
                 };
                 self.catalog.complete_backup(&CompletedBackup {
                     id: &record.id,
-                    change_tracking: tracked,
+                    change_tracking: &tracked,
                     checksum: &map.checksum(),
                     bytes_read: report.bytes_read,
                     bytes_written: report.bytes_written + report.bytes_zeroed,
@@ -376,6 +381,56 @@ impl Service {
 }
 
 impl Service {
+    /// How the generic copy builds on `base`: the block map to build, and
+    /// which change tracking found what to copy.
+    fn generic_plan(
+        &self,
+        base: &Base,
+        driver: &Arc<dyn volback_drivers::VolumeDriver>,
+        pool: &str,
+        source_snapshot: Option<&str>,
+        block: u64,
+    ) -> (MapPlan, &'static str) {
+        let (parent, map) = match base {
+            Base::Full { .. } => {
+                let plan = MapPlan {
+                    block,
+                    parent: None,
+                    compare_parent: false,
+                    only: None,
+                };
+                return (plan, "full");
+            }
+            Base::Incremental { parent, map } => (parent, map),
+        };
+        let ranges = match (&parent.source_snapshot_id, source_snapshot) {
+            (Some(old), Some(new)) => match driver.changed_ranges(pool, old, new) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "change tracking failed; comparing block hashes instead");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let plan = MapPlan {
+            block,
+            parent: Some(map.clone()),
+            compare_parent: ranges.is_none(),
+            only: ranges
+                .as_ref()
+                .map(|r| r.iter().map(|c| (c.offset, c.len)).collect()),
+        };
+        (
+            plan,
+            if ranges.is_some() {
+                "driver"
+            } else {
+                "hash-map"
+            },
+        )
+    }
+
     /// Snapshots a volume, recorded in the operation before it is taken;
     /// `keep` keeps it when the operation succeeds.
     fn snapshot(
