@@ -364,6 +364,64 @@ backup:
     });
 }
 
+/// volback killed right after the fast path moved the data: recovery
+/// removes the half-made backup's image, its exports and the source
+/// snapshot, marks the backup error, and the source is untouched.
+#[test]
+fn crash_after_a_fast_path_copy_leaves_no_orphans() {
+    use std::os::unix::process::ExitStatusExt;
+    let a = ceph_conf('A');
+    with_scratch(|s| {
+        let inst = installation(
+            s,
+            &format!(
+                "backends:
+  - name: a
+    driver: rbd
+    options: {{conf: {}}}
+    pools: {{volumes: volumes, backups: backups}}
+backup:
+  default_target: a:backups
+  catalog: catalog.db
+",
+                conf_arg(&a)
+            ),
+        );
+        let id = inst.create_volume("a:volumes", "rbd-crash", SIZE);
+        let src = guard(&a, "volumes", &id);
+        write_first(&src);
+        let before = src.export();
+
+        let spec = format!("a:volumes/{id}");
+        let mut cmd = inst.command(["backup", "create", &spec, "--progress", "none"]);
+        cmd.env("FAILPOINTS", "backup_after_copy=return");
+        let r = run(cmd);
+        assert_eq!(
+            r.status().signal(),
+            Some(libc::SIGABRT),
+            "expected an abort at the fail point (failpoints build?)\n{}",
+            r.describe()
+        );
+        let list = inst.backups();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(json_str(&list[0], "change_tracking"), "full", "{list:?}");
+        let target = json_str(&list[0], "target_volume_id").to_owned();
+        let _target = guard(&a, "backups", &target);
+        assert!(rbd_exists(&a, "backups", &format!("volume-{target}")));
+
+        let rec = inst.json(["recover", "--json"]);
+        assert_eq!(json_u64(&rec, "operations"), 1, "{rec}");
+        let list = inst.backups();
+        assert_eq!(json_str(&list[0], "state"), "error", "{list:?}");
+        assert!(
+            !rbd_exists(&a, "backups", &format!("volume-{target}")),
+            "the half-made backup's image is left"
+        );
+        assert!(snap_names(&a, &src).is_empty(), "a source snapshot is left");
+        assert_same_bytes("the source after the crash", &before, &src.export());
+    });
+}
+
 // 4. the same-pool rule ----------------------------------------------------------
 
 #[test]
