@@ -38,6 +38,9 @@ struct Cli {
 enum Command {
     /// Copy a volume block by block (a faster, verifying `dd`).
     Copy(CopyArgs),
+    /// Read a whole volume and print its checksum (a health check, and a
+    /// read benchmark).
+    Read(ReadArgs),
     /// Validate the configuration (including the same-pool rule).
     CheckConfig(JsonFlag),
     /// Create, list, delete, attach and detach volumes on any backend.
@@ -210,10 +213,11 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct CopyArgs {
-    /// Source: a file or block device.
+    /// Source: a file, a block device, `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]`
+    /// or `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN`.
     source: String,
-    /// Destination: a file or block device; a path that does not exist is
-    /// created as a sparse file of the source's size.
+    /// Destination, in the same forms; a path (or an RBD image) that does
+    /// not exist is created, sparse, of the source's size.
     destination: String,
     /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
     #[arg(long, default_value = "4M", value_parser = parse_bytes)]
@@ -233,6 +237,28 @@ struct CopyArgs {
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
     /// O_DIRECT: auto uses it where the device allows.
+    #[arg(long, value_enum, default_value_t = Direct::Auto)]
+    direct: Direct,
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    /// A file, a block device, an `rbd:` image or an `iscsi://` LUN.
+    source: String,
+    /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
+    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
+    block_size: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]
+    queue_depth: usize,
+    /// auto: skip what the allocation map says are holes; never: read every byte.
+    #[arg(long, value_enum, default_value_t = Sparse::Auto)]
+    sparse: Sparse,
+    /// Limit reads to this many bytes per second (e.g. 100M).
+    #[arg(long, value_parser = parse_bytes)]
+    bwlimit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     #[arg(long, value_enum, default_value_t = Direct::Auto)]
     direct: Direct,
 }
@@ -265,6 +291,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Copy(args) => run_copy(args),
+        Command::Read(args) => run_read(args),
         Command::Demo(args) => volback_engine::demo::run(args.dir, args.keep, args.size).map_err(|e| e.to_string()),
         Command::CheckConfig(f) => check_config(&cli.config, f.json),
         Command::Volume(cmd) => service(&cli.config).and_then(|s| volume(s, cmd)),
@@ -651,27 +678,59 @@ fn restore(mut s: Service, args: RestoreArgs) -> CmdResult {
     Ok(())
 }
 
+fn sparse_mode(s: Sparse) -> SparseMode {
+    match s {
+        Sparse::Auto => SparseMode::Auto,
+        Sparse::Always => SparseMode::Always,
+        Sparse::Never => SparseMode::Never,
+    }
+}
+
+fn direct_io(d: Direct) -> DirectIo {
+    match d {
+        Direct::Auto => DirectIo::Auto,
+        Direct::On => DirectIo::Require,
+        Direct::Off => DirectIo::Off,
+    }
+}
+
+fn run_read(args: ReadArgs) -> CmdResult {
+    let mut reporter = Reporter::new(args.progress);
+    let opts = CopyOptions {
+        block_size: args.block_size,
+        queue_depth: args.queue_depth,
+        sparse: sparse_mode(args.sparse),
+        bwlimit: args.bwlimit,
+        ..CopyOptions::default()
+    };
+    let fail = |reporter: &mut Reporter, msg: String| {
+        reporter.error(&msg);
+        msg
+    };
+    let mut source = devices::open_source(&args.source, opts.queue_depth, direct_io(args.direct))
+        .map_err(|e| fail(&mut reporter, e.to_string()))?;
+    match copy::read_device(&mut *source.device, &opts, &mut |p| reporter.update(p)) {
+        Ok(report) => {
+            reporter.read_summary(&report, &args.source);
+            Ok(())
+        }
+        Err(e) => Err(fail(&mut reporter, e.to_string())),
+    }
+}
+
 fn run_copy(args: CopyArgs) -> CmdResult {
     let mut reporter = Reporter::new(args.progress);
     let opts = CopyOptions {
         block_size: args.block_size,
         queue_depth: args.queue_depth,
-        sparse: match args.sparse {
-            Sparse::Auto => SparseMode::Auto,
-            Sparse::Always => SparseMode::Always,
-            Sparse::Never => SparseMode::Never,
-        },
+        sparse: sparse_mode(args.sparse),
         bwlimit: args.bwlimit,
         verify: args.verify,
         checksum: args.verify,
         destination_is_zero: false,
         block_map: None,
     };
-    let direct = match args.direct {
-        Direct::Auto => DirectIo::Auto,
-        Direct::On => DirectIo::Require,
-        Direct::Off => DirectIo::Off,
-    };
+    let direct = direct_io(args.direct);
     let fail = |reporter: &mut Reporter, msg: String| {
         reporter.error(&msg);
         msg

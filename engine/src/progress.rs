@@ -108,6 +108,33 @@ impl Reporter {
         }
     }
 
+    /// The end of `volback read`.
+    pub fn read_summary(&mut self, r: &crate::copy::ReadReport, source: &str) {
+        self.close();
+        let checksum = format!("xxh3-128:{:032x}", r.digest);
+        if self.is_json() {
+            emit(json!({
+                "event": "summary",
+                "source": source,
+                "size": r.size,
+                "bytes_read": r.bytes_read,
+                "elapsed_s": r.elapsed.as_secs_f64(),
+                "mb_per_s": r.mb_per_s(),
+                "checksum": checksum,
+            }));
+        } else {
+            use crate::units::human;
+            eprintln!(
+                "read {} of {} ({source}) in {:.2} s ({:.1} MB/s)",
+                human(r.bytes_read),
+                human(r.size),
+                r.elapsed.as_secs_f64(),
+                r.mb_per_s()
+            );
+            println!("{checksum}  {source}");
+        }
+    }
+
     pub fn summary(&mut self, r: &CopyReport, source: &str, destination: &str) {
         self.close();
         if self.is_json() {

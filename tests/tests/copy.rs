@@ -581,3 +581,61 @@ fn unreachable_destination_is_named() {
         );
     });
 }
+
+// 10. volback read ---------------------------------------------------------
+
+/// `volback read` prints the checksum `copy --verify` computes for the same
+/// data, reads only the data of a sparse source (everything with
+/// `--sparse never`), and a changed byte changes the checksum.
+#[test]
+fn read_prints_the_copy_checksum_and_skips_holes() {
+    with_scratch(|s| {
+        let (size, regions) = sparse_layout();
+        let src = s.join("src.img");
+        create_file(&src, size, &regions);
+        let copied = copy_ok(
+            &src,
+            &s.join("dst.img"),
+            &["--verify", "--progress", "json"],
+        );
+        let expected = json_str(&copied.summary(), "checksum").to_owned();
+
+        let read = |extra: &[&str]| {
+            let mut args = vec![
+                "read".to_string(),
+                arg(&src),
+                "--progress".into(),
+                "json".into(),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            volback_ok(args).summary()
+        };
+        let sparse = read(&[]);
+        assert_eq!(json_str(&sparse, "checksum"), expected, "{sparse}");
+        assert_eq!(json_u64(&sparse, "size"), size, "{sparse}");
+        let data = random_data_bytes(&regions);
+        let got = json_u64(&sparse, "bytes_read");
+        assert!(
+            got >= data && got < size / 2,
+            "read {got} bytes of a file with {data} bytes of data: {sparse}"
+        );
+        let dense = read(&[
+            "--sparse",
+            "never",
+            "--block-size",
+            "64K",
+            "--queue-depth",
+            "3",
+        ]);
+        assert_eq!(json_str(&dense, "checksum"), expected, "{dense}");
+        assert_eq!(json_u64(&dense, "bytes_read"), size, "{dense}");
+
+        write_bytes(
+            &std::fs::OpenOptions::new().write(true).open(&src).unwrap(),
+            5,
+            1,
+            0xee,
+        );
+        assert_ne!(json_str(&read(&[]), "checksum"), expected);
+    });
+}

@@ -149,8 +149,11 @@ pub struct Counters {
     pub written: AtomicU64,
     pub zeroed: AtomicU64,
     pub skipped: AtomicU64,
-    /// Bytes read back from the destination when verifying.
+    /// Bytes of the device covered by a read-back pass (read or known
+    /// zero), what its progress shows.
     pub verified: AtomicU64,
+    /// Bytes a read-back pass actually read.
+    pub read_back: AtomicU64,
 }
 
 impl Counters {
@@ -476,6 +479,42 @@ pub fn checksum(
     cfg.block_map = None;
     let scanned = read_back(dev, cfg, counters, start, progress)?;
     Ok(scanned.digest.expect("hashing scan yields a digest"))
+}
+
+/// What [`read_device`] found.
+#[derive(Debug, Clone)]
+pub struct ReadReport {
+    pub size: u64,
+    /// Bytes read (the rest were holes in the device's allocation map).
+    pub bytes_read: u64,
+    pub elapsed: Duration,
+    /// The device's checksum (see [`blocks::OrderedDigest`]).
+    pub digest: u128,
+}
+
+impl ReadReport {
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes_read as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Reads a whole device with `opts`' block size, queue depth and sparse
+/// mode (holes skipped unless `SparseMode::Never`), for its checksum: a
+/// health check of a volume, and the read half of the copy engine alone.
+pub fn read_device(
+    dev: &mut dyn BlockDevice,
+    opts: &CopyOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ReadReport, CopyError> {
+    validate(opts)?;
+    let (size, start, counters) = (dev.size(), Instant::now(), Counters::default());
+    let digest = checksum(dev, opts, size, &counters, start, progress)?;
+    Ok(ReadReport {
+        size,
+        bytes_read: counters.read_back.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        digest,
+    })
 }
 
 /// Reads the whole device and returns its block map.

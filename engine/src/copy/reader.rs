@@ -312,6 +312,9 @@ pub(crate) fn scan(
                 });
             }
             progress.fetch_add(n, Ordering::Relaxed);
+            if cfg.counts_as_verify {
+                counters.read_back.fetch_add(n, Ordering::Relaxed);
+            }
             let mut pages = (digest.is_some() || builder.is_some()).then(Vec::new);
             let mut runs = analyze(
                 &buf.as_slice()[..len as usize],
