@@ -9,6 +9,7 @@
 mod buffer;
 mod device;
 mod error;
+pub mod iscsi;
 pub mod local;
 pub mod loopinfo;
 pub mod rbd;
