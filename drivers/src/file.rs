@@ -23,7 +23,7 @@
 
 mod changes;
 mod copy;
-mod pool;
+pub(crate) mod pool;
 mod sidecar;
 #[cfg(test)]
 mod tests;
@@ -103,7 +103,7 @@ impl FileDriver {
         })
     }
 
-    fn pool(&self, pool: &str) -> Result<Pool<'_>> {
+    pub(crate) fn pool(&self, pool: &str) -> Result<Pool<'_>> {
         match self.pools.get_key_value(pool) {
             Some((name, dir)) => Ok(Pool {
                 name,

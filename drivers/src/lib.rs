@@ -15,6 +15,7 @@ pub mod fast_path;
 pub mod file;
 pub mod loopdev;
 pub mod rbd;
+pub mod tgt;
 
 use std::collections::BTreeMap;
 
@@ -104,7 +105,8 @@ pub struct ExportOptions {
 /// clear; a secret is referenced (a key file path, a keyring name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
-    /// "local" for now; "iscsi" and "rbd" join later.
+    /// "local" (a file or block device path), "rbd" (an RBD image) or
+    /// "iscsi" (portal, iqn and lun of a target, CHAP secrets by file path).
     pub connector: String,
     pub properties: BTreeMap<String, String>,
     pub read_only: bool,

@@ -16,7 +16,7 @@ pub(super) const FICLONE: libc::c_ulong = 0x4004_9409;
 const COPY_BUF: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CopyMethod {
+pub(crate) enum CopyMethod {
     Reflink,
     Sparse,
 }

@@ -15,7 +15,7 @@ use crate::loopdev;
 use crate::{DriverError, DriverErrorKind, ExportTarget, Result, VolumeInfo};
 
 /// One configured pool, resolved for an operation.
-pub(super) struct Pool<'a> {
+pub(crate) struct Pool<'a> {
     pub name: &'a str,
     pub dir: &'a Path,
     /// "file backend 'b' pool 'p'", the `backend` of every error.

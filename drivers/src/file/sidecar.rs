@@ -15,7 +15,7 @@ use crate::Metadata;
 
 /// `volume-<id>.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct VolumeRecord {
+pub(crate) struct VolumeRecord {
     pub id: String,
     pub name: String,
     pub size: u64,
@@ -27,7 +27,7 @@ pub(super) struct VolumeRecord {
 
 /// `snapshot-<id>.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct SnapshotRecord {
+pub(crate) struct SnapshotRecord {
     pub id: String,
     pub volume_id: String,
     pub size: u64,
