@@ -40,6 +40,7 @@ use serde_norway::Value;
 use volback_connectors::rbd::ClusterConfig;
 use volback_drivers::file::FileDriver;
 use volback_drivers::rbd::RbdDriver;
+use volback_drivers::tgt::{ChapConfig, TgtConfig, TgtDriver};
 use volback_drivers::{DriverError, PoolIdentity, VolumeDriver};
 
 use crate::copy::{CopyOptions, SparseMode, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH};
@@ -56,11 +57,20 @@ pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
 pub const MAX_QUEUE_DEPTH: usize = 1024;
 
 /// The drivers this build knows, as written in `driver:`.
-pub const KNOWN_DRIVERS: &[&str] = &["file", "rbd"];
+pub const KNOWN_DRIVERS: &[&str] = &["file", "rbd", "tgt"];
 
 const FILE_OPTIONS: &[&str] = &["loop_devices"];
 
 const RBD_OPTIONS: &[&str] = &["conf", "connect_timeout", "id", "keyring"];
+
+const TGT_OPTIONS: &[&str] = &[
+    "chap",
+    "control_port",
+    "iqn_prefix",
+    "mutual_chap",
+    "portal",
+    "target_params",
+];
 
 /// The longest `connect_timeout` accepted, in seconds.
 const MAX_CONNECT_TIMEOUT: f64 = 3600.0;
@@ -339,6 +349,7 @@ pub fn valid_name(name: &str) -> bool {
 pub enum DriverKind {
     File,
     Rbd,
+    Tgt,
 }
 
 impl DriverKind {
@@ -346,6 +357,7 @@ impl DriverKind {
         match self {
             DriverKind::File => "file",
             DriverKind::Rbd => "rbd",
+            DriverKind::Tgt => "tgt",
         }
     }
 }
@@ -363,6 +375,7 @@ impl FromStr for DriverKind {
         match s {
             "file" => Ok(DriverKind::File),
             "rbd" => Ok(DriverKind::Rbd),
+            "tgt" => Ok(DriverKind::Tgt),
             _ => Err(()),
         }
     }
@@ -395,6 +408,9 @@ pub struct RbdSettings {
 pub enum DriverSettings {
     File(FileSettings),
     Rbd(RbdSettings),
+    /// An iSCSI array served by tgtd (pool directories resolved against
+    /// the configuration file's directory, as are the CHAP secret files).
+    Tgt(TgtConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,7 +431,7 @@ impl BackendConfig {
     pub fn loop_devices(&self) -> bool {
         match &self.settings {
             DriverSettings::File(f) => f.loop_devices,
-            DriverSettings::Rbd(_) => false,
+            DriverSettings::Rbd(_) | DriverSettings::Tgt(_) => false,
         }
     }
 
@@ -1016,6 +1032,9 @@ fn parse_backend(b: RawBackend, base_dir: &Path, file: &str) -> Result<BackendCo
         DriverKind::Rbd => DriverSettings::Rbd(parse_rbd_options(
             &b.name, &options, &pools, base_dir, file,
         )?),
+        DriverKind::Tgt => DriverSettings::Tgt(parse_tgt_options(
+            &b.name, &options, &pools, base_dir, file,
+        )?),
     };
     let backup_target = match &b.backup_target {
         None => None,
@@ -1106,6 +1125,86 @@ fn parse_rbd_options(
     })
 }
 
+/// The options of a tgt backend, key by key; errors name the key, never
+/// the value.
+fn parse_tgt_options(
+    backend: &str,
+    options: &serde_norway::Mapping,
+    pools: &BTreeMap<String, String>,
+    base_dir: &Path,
+    file: &str,
+) -> Result<TgtConfig, ConfigError> {
+    let bad = |key: &str, expected: &str| ConfigError::BadOption {
+        file: file.into(),
+        backend: backend.into(),
+        key: key.into(),
+        expected: expected.into(),
+    };
+    let mut config = TgtConfig {
+        portal: String::new(),
+        control_port: None,
+        pools: pools
+            .iter()
+            .map(|(k, v)| (k.clone(), base_dir.join(v)))
+            .collect(),
+        iqn_prefix: volback_drivers::tgt::DEFAULT_IQN_PREFIX.to_string(),
+        chap: None,
+        mutual_chap: None,
+        target_params: BTreeMap::new(),
+    };
+    let chap = |key: &str, v: &Value| -> Result<ChapConfig, ConfigError> {
+        let mut c: ChapConfig = serde_norway::from_value(v.clone())
+            .map_err(|_| bad(key, "a mapping with `user` and `secret_file` (a path)"))?;
+        c.secret_file = base_dir.join(&c.secret_file);
+        Ok(c)
+    };
+    for (k, v) in options {
+        let Some(key) = k.as_str() else {
+            return Err(bad("options", "a mapping with string keys"));
+        };
+        let string = || {
+            v.as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| bad(key, "a non-empty string"))
+        };
+        match key {
+            "portal" => config.portal = string()?,
+            "iqn_prefix" => config.iqn_prefix = string()?,
+            "control_port" => {
+                let port = v.as_u64().and_then(|n| u32::try_from(n).ok());
+                config.control_port =
+                    Some(port.ok_or_else(|| bad(key, "tgtd's control port, a whole number"))?);
+            }
+            "chap" => config.chap = Some(chap(key, v)?),
+            "mutual_chap" => config.mutual_chap = Some(chap(key, v)?),
+            "target_params" => {
+                config.target_params = serde_norway::from_value(v.clone())
+                    .map_err(|_| bad(key, "a mapping of iSCSI parameter names to values"))?;
+            }
+            _ => {
+                return Err(ConfigError::UnknownOption {
+                    file: file.into(),
+                    backend: backend.into(),
+                    driver: DriverKind::Tgt.to_string(),
+                    key: key.into(),
+                    known: list(TGT_OPTIONS.iter().copied()),
+                })
+            }
+        }
+    }
+    if config.portal.is_empty() {
+        return Err(bad(
+            "portal",
+            "given: the iSCSI portal initiators connect to, HOST:PORT (required for driver tgt)",
+        ));
+    }
+    if config.mutual_chap.is_some() && config.chap.is_none() {
+        return Err(bad("mutual_chap", "given only together with `chap`"));
+    }
+    Ok(config)
+}
+
 fn parse_target(s: &str, key: &str, file: &str) -> Result<PoolRef, ConfigError> {
     parse_pool_ref(s).map_err(|reason| ConfigError::BadTarget {
         file: file.into(),
@@ -1140,6 +1239,15 @@ fn build_registry(config: &Config, file: &str) -> Result<Registry, ConfigError> 
     for b in &config.backends {
         let driver: Arc<dyn VolumeDriver> = match &b.settings {
             DriverSettings::File(f) => Arc::new(open_file_backend(&b.name, f, file)?),
+            DriverSettings::Tgt(t) => {
+                Arc::new(TgtDriver::new(&b.name, t.clone()).map_err(|source| {
+                    ConfigError::Driver {
+                        file: file.into(),
+                        backend: b.name.clone(),
+                        source: Box::new(source),
+                    }
+                })?)
+            }
             DriverSettings::Rbd(r) => Arc::new(
                 RbdDriver::new(&b.name, r.cluster.clone(), r.ceph_pools.clone()).map_err(
                     |source| ConfigError::Driver {

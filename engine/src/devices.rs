@@ -1,9 +1,11 @@
 //! Opening a device from what an operator types: a path to a file or a
-//! block device, or an RBD image in qemu's form
-//! `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER][:keyring=PATH]`.
+//! block device, an RBD image in qemu's form
+//! `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER][:keyring=PATH]`, or an
+//! iSCSI LUN in libiscsi's form `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN`.
 
 use std::path::Path;
 
+use volback_connectors::iscsi::{Chap, IscsiDevice, IscsiSpec, SpecError};
 use volback_connectors::local::{create_sparse_file, DirectIo, LocalDevice, LocalOptions};
 use volback_connectors::rbd::{Rados, RbdDevice, RbdSpec, RBD_FEATURE_LAYERING};
 use volback_connectors::{BlockDevice, DeviceError};
@@ -19,11 +21,24 @@ fn rbd_spec(spec: &str) -> Result<RbdSpec, DeviceError> {
         .map_err(|e: volback_connectors::rbd::SpecError| DeviceError::invalid(spec, e.to_string()))
 }
 
+fn iscsi_spec(spec: &str) -> Result<IscsiSpec, DeviceError> {
+    // The error names the part that is wrong, never the spec (a password).
+    spec.parse()
+        .map_err(|e: SpecError| DeviceError::invalid("iscsi:// device", e.to_string()))
+}
+
 pub fn open_source(
     spec: &str,
     queue_depth: usize,
     direct: DirectIo,
 ) -> Result<Opened, DeviceError> {
+    if spec.starts_with("iscsi://") {
+        let device = IscsiDevice::open(&iscsi_spec(spec)?, false, queue_depth)?;
+        return Ok(Opened {
+            device: Box::new(device),
+            created: false,
+        });
+    }
     if spec.starts_with("rbd:") {
         let device = RbdDevice::open(&rbd_spec(spec)?, false, queue_depth)?;
         return Ok(Opened {
@@ -52,6 +67,14 @@ pub fn open_destination(
 ) -> Result<Opened, DeviceError> {
     if spec.starts_with("rbd:") {
         return open_rbd_destination(spec, size, queue_depth);
+    }
+    if spec.starts_with("iscsi://") {
+        // A LUN exists as big as it is: nothing to create.
+        let device = IscsiDevice::open(&iscsi_spec(spec)?, true, queue_depth)?;
+        return Ok(Opened {
+            device: Box::new(device),
+            created: false,
+        });
     }
     let path = Path::new(spec);
     let created = !path.exists();
@@ -143,9 +166,50 @@ pub fn attach(
                 queue_depth,
             )?))
         }
+        "iscsi" => {
+            let spec = iscsi_connection_spec(conn)?;
+            Ok(Box::new(IscsiDevice::open(
+                &spec,
+                writable && !conn.read_only,
+                queue_depth,
+            )?))
+        }
         other => Err(DeviceError::invalid(
             other,
-            format!("no connector named '{other}' (known: local, rbd)"),
+            format!("no connector named '{other}' (known: local, rbd, iscsi)"),
         )),
     }
+}
+
+/// The LUN an `iscsi` connection info names: properties `portal`
+/// (HOST:PORT), `iqn`, `lun`, and for CHAP `chap_user` with
+/// `chap_secret_file`, for mutual CHAP also `mutual_user` with
+/// `mutual_secret_file` (secrets stay in their files until login).
+fn iscsi_connection_spec(conn: &volback_drivers::ConnectionInfo) -> Result<IscsiSpec, DeviceError> {
+    let bad = |m: String| DeviceError::invalid("iscsi connector", m);
+    let prop = |k: &str| conn.properties.get(k).filter(|v| !v.is_empty());
+    let required =
+        |k: &str| prop(k).ok_or_else(|| bad(format!("connection info has no '{k}' property")));
+    let account = |user: &str, file: &str| -> Result<Option<Chap>, DeviceError> {
+        match (prop(user), prop(file)) {
+            (None, None) => Ok(None),
+            (Some(u), Some(f)) => Chap::from_secret_file(u.as_str(), Path::new(f))
+                .map(Some)
+                .map_err(|e| bad(e.to_string())),
+            _ => Err(bad(format!(
+                "connection info has only one of '{user}' and '{file}'"
+            ))),
+        }
+    };
+    let lun = required("lun")?
+        .parse()
+        .map_err(|_| bad("property 'lun' is not a number".into()))?;
+    IscsiSpec::from_parts(
+        required("portal")?,
+        required("iqn")?,
+        lun,
+        account("chap_user", "chap_secret_file")?,
+        account("mutual_user", "mutual_secret_file")?,
+    )
+    .map_err(|e| bad(e.to_string()))
 }
