@@ -2052,6 +2052,56 @@ backup:
     }
 
     #[test]
+    fn tgt_options_parse_and_errors_name_the_key() {
+        let b = raw_backend(
+            "name: array
+driver: tgt
+options:
+  portal: 127.0.0.1:3261
+  control_port: 3261
+  chap: {user: volback, secret_file: secrets/chap}
+  mutual_chap: {user: array, secret_file: /etc/volback/target}
+  target_params: {MaxRecvDataSegmentLength: '262144'}
+pools:
+  gold: array/gold
+",
+        );
+        let c = parse_backend(b, Path::new("/cfg"), "f.yaml").unwrap();
+        assert_eq!(c.driver, DriverKind::Tgt);
+        assert!(!c.loop_devices());
+        let DriverSettings::Tgt(t) = &c.settings else {
+            panic!("not a tgt backend: {c:?}")
+        };
+        assert_eq!(t.portal, "127.0.0.1:3261");
+        assert_eq!(t.control_port, Some(3261));
+        assert_eq!(t.pools["gold"], Path::new("/cfg/array/gold"));
+        let chap = t.chap.as_ref().unwrap();
+        assert_eq!(chap.secret_file, Path::new("/cfg/secrets/chap"));
+        assert_eq!(
+            t.mutual_chap.as_ref().unwrap().secret_file,
+            Path::new("/etc/volback/target")
+        );
+        assert_eq!(t.target_params["MaxRecvDataSegmentLength"], "262144");
+
+        for (options, key) in [
+            ("{control_port: 1}", "portal"),
+            ("{portal: p, control_port: secret-ish}", "control_port"),
+            ("{portal: p, chap: {user: u, password: hunter2}}", "chap"),
+            (
+                "{portal: p, mutual_chap: {user: u, secret_file: f}}",
+                "mutual_chap",
+            ),
+            ("{portal: p, nonsense: hunter2}", "nonsense"),
+        ] {
+            let yaml = format!("name: a\ndriver: tgt\noptions: {options}\npools: {{p: d}}\n");
+            let e = parse_backend(raw_backend(&yaml), Path::new("/cfg"), "f.yaml").unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains(&format!("`{key}`")), "{options}: {m}");
+            assert!(!m.contains("hunter2") && !m.contains("secret-ish"), "{m}");
+        }
+    }
+
+    #[test]
     fn rbd_options_parse() {
         let b = raw_backend(
             "name: ceph
