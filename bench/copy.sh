@@ -25,6 +25,10 @@
 #                    target/release/volback
 #   VOLBACK_ARGS=".." extra flags for `volback copy` (word-split), e.g.
 #                    VOLBACK_ARGS="--block-size 4M --queue-depth 32"
+#   VOLBACK_VARIANTS="1M:32 2M:16"  extra volback runs with --block-size:--queue-depth,
+#                    interleaved with the others (tools volback-1M:32, ...), to
+#                    compare settings side by side; ratios against the peers are
+#                    printed for each under the table
 #   BENCH_DIR=/var/tmp/volback-bench  scratch dir (must not be tmpfs: the
 #                    loop devices must sit on a real disk for the numbers
 #                    to mean anything)
@@ -238,6 +242,10 @@ losetup -l -O NAME,DIO,RO,LOG-SEC,BACK-FILE | grep -e '^NAME' -e "$BENCH_DIR/"
 
 TOOLS=()
 (( SKIP_VOLBACK )) || TOOLS+=(volback)
+for v in ${VOLBACK_VARIANTS:-}; do
+    [[ $v =~ ^[0-9]+[KMG]?:[0-9]+$ ]] || die "VOLBACK_VARIANTS: '$v' is not BLOCK:DEPTH (e.g. 1M:32)"
+    TOOLS+=("volback-$v")
+done
 TOOLS+=(dd-1M-direct dd-4M-fsync qemu-img)
 (( SKIP_FIO )) || TOOLS+=(fio-ceiling)
 
@@ -247,6 +255,10 @@ run_tool() { # run_tool TOOL SRC DST
     case $tool in
     volback)
         "$VOLBACK" copy --progress none "${VOLBACK_EXTRA[@]}" "$src" "$dst" ;;
+    volback-*)
+        local v=${tool#volback-}
+        "$VOLBACK" copy --progress none --block-size "${v%%:*}" --queue-depth "${v##*:}" \
+            "$src" "$dst" ;;
     dd-1M-direct) # what Cinder does
         dd if="$src" of="$dst" bs=1M iflag=direct oflag=direct status=none ;;
     dd-4M-fsync) # buffered; conv=fsync so the time includes getting the data to the device
@@ -391,6 +403,21 @@ for case, tool in order:
     elif vb is None and runs[(case, "volback")] and (case, tool) in TARGETS:
         line += f"   {'n/a':>15}  >={TARGETS[(case, tool)]:<4g}  MISS (volback failed)"
     print(line)
+variants = [t for (c, t) in order if t.startswith("volback-")]
+if variants:
+    print()
+    print("volback settings side by side (same runs; ratio = tool s / variant s):")
+    for case in dict.fromkeys(c for c, _ in order):
+        for v in dict.fromkeys(variants):
+            vs = median(case, v)
+            if vs is None:
+                continue
+            parts = []
+            for peer in ("volback", "dd-1M-direct", "qemu-img", "fio-ceiling"):
+                ps = median(case, peer)
+                if ps is not None:
+                    parts.append(f"{ps / vs:.2f}x {peer}")
+            print(f"  {case:<9} {v:<16} {vs:8.3f} s  " + ", ".join(parts))
 print()
 if any(fails.values()):
     print("CORRECTNESS: FAIL (see rows marked FAIL and the messages above)")

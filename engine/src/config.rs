@@ -1675,14 +1675,17 @@ backup:
 
         let e = err(
             &with(
-                format!("  - name: primary\n    driver: tgt\n    pools: {{gold: {a}}}\n") + &backup,
+                format!("  - name: primary\n    driver: lvm\n    pools: {{gold: {a}}}\n") + &backup,
             ),
             t.path(),
         );
         assert!(matches!(e, ConfigError::UnknownDriver { .. }), "{e:?}");
         let m = e.to_string();
         assert!(
-            m.contains("tgt") && m.contains("primary") && m.contains("`file`"),
+            m.contains("lvm")
+                && m.contains("primary")
+                && m.contains("`file`")
+                && m.contains("`tgt`"),
             "{m}"
         );
 
