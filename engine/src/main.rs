@@ -220,7 +220,7 @@ struct CopyArgs {
     /// not exist is created, sparse, of the source's size.
     destination: String,
     /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
-    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "2M", value_parser = parse_bytes)]
     block_size: u64,
     /// Buffers, and so requests in flight (reads plus writes).
     #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]
@@ -246,7 +246,7 @@ struct ReadArgs {
     /// A file, a block device, an `rbd:` image or an `iscsi://` LUN.
     source: String,
     /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
-    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "2M", value_parser = parse_bytes)]
     block_size: u64,
     /// Requests in flight.
     #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]
@@ -261,6 +261,9 @@ struct ReadArgs {
     progress: ProgressMode,
     #[arg(long, value_enum, default_value_t = Direct::Auto)]
     direct: Direct,
+    /// Only read (a throughput or health check without the checksum).
+    #[arg(long)]
+    no_checksum: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -709,7 +712,10 @@ fn run_read(args: ReadArgs) -> CmdResult {
     };
     let mut source = devices::open_source(&args.source, opts.queue_depth, direct_io(args.direct))
         .map_err(|e| fail(&mut reporter, e.to_string()))?;
-    match copy::read_device(&mut *source.device, &opts, &mut |p| reporter.update(p)) {
+    let hash = !args.no_checksum;
+    match copy::read_device(&mut *source.device, &opts, hash, &mut |p| {
+        reporter.update(p)
+    }) {
         Ok(report) => {
             reporter.read_summary(&report, &args.source);
             Ok(())

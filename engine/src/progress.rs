@@ -111,7 +111,7 @@ impl Reporter {
     /// The end of `volback read`.
     pub fn read_summary(&mut self, r: &crate::copy::ReadReport, source: &str) {
         self.close();
-        let checksum = format!("xxh3-128:{:032x}", r.digest);
+        let checksum = r.digest.map(|d| format!("xxh3-128:{d:032x}"));
         if self.is_json() {
             emit(json!({
                 "event": "summary",
@@ -131,7 +131,9 @@ impl Reporter {
                 r.elapsed.as_secs_f64(),
                 r.mb_per_s()
             );
-            println!("{checksum}  {source}");
+            if let Some(c) = checksum {
+                println!("{c}  {source}");
+            }
         }
     }
 

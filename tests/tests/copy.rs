@@ -629,6 +629,10 @@ fn read_prints_the_copy_checksum_and_skips_holes() {
         ]);
         assert_eq!(json_str(&dense, "checksum"), expected, "{dense}");
         assert_eq!(json_u64(&dense, "bytes_read"), size, "{dense}");
+        // A pure read: the same bytes read, no checksum.
+        let pure = read(&["--sparse", "never", "--no-checksum"]);
+        assert_eq!(json_u64(&pure, "bytes_read"), size, "{pure}");
+        assert!(pure["checksum"].is_null(), "{pure}");
 
         write_bytes(
             &std::fs::OpenOptions::new().write(true).open(&src).unwrap(),

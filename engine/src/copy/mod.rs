@@ -86,11 +86,13 @@ impl Default for CopyOptions {
     }
 }
 
-/// Defaults chosen by measurement: 1 GiB dense loop-to-loop copies, 1M/2M/4M
-/// blocks by queue depth 16/32/64, interleaved rounds; 4 MiB x 32 had the
-/// best median (bench/copy.sh reproduces the comparison with peers). The
-/// buffers cost 128 MiB; `--block-size`/`--queue-depth` trade that down.
-pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
+/// Defaults chosen by measurement: 2 GiB dense and 10%-sparse loop-to-loop
+/// copies, 4M x 32, 2M x 32, 1M x 32 and 1M x 16 interleaved with the peers
+/// (`VOLBACK_VARIANTS="1M:32 2M:32 1M:16" bash bench/copy.sh`); 2 MiB x 32
+/// had the best median in both cases, 3% ahead of 4 MiB x 32 (within the
+/// disk's noise) for half the memory. The buffers cost 64 MiB;
+/// `--block-size`/`--queue-depth` trade that down.
+pub const DEFAULT_BLOCK_SIZE: u64 = 2 << 20;
 pub const DEFAULT_QUEUE_DEPTH: usize = 32;
 
 /// Holes shorter than this between data are read rather than skipped.
@@ -488,8 +490,8 @@ pub struct ReadReport {
     /// Bytes read (the rest were holes in the device's allocation map).
     pub bytes_read: u64,
     pub elapsed: Duration,
-    /// The device's checksum (see [`blocks::OrderedDigest`]).
-    pub digest: u128,
+    /// The device's checksum (see [`blocks::OrderedDigest`]), if asked for.
+    pub digest: Option<u128>,
 }
 
 impl ReadReport {
@@ -499,16 +501,23 @@ impl ReadReport {
 }
 
 /// Reads a whole device with `opts`' block size, queue depth and sparse
-/// mode (holes skipped unless `SparseMode::Never`), for its checksum: a
-/// health check of a volume, and the read half of the copy engine alone.
+/// mode (holes skipped unless `SparseMode::Never`), for its checksum
+/// (`hash`): a health check of a volume, and the read half of the copy
+/// engine alone.
 pub fn read_device(
     dev: &mut dyn BlockDevice,
     opts: &CopyOptions,
+    hash: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ReadReport, CopyError> {
     validate(opts)?;
     let (size, start, counters) = (dev.size(), Instant::now(), Counters::default());
-    let digest = checksum(dev, opts, size, &counters, start, progress)?;
+    let mut cfg = reader::ScanConfig::for_copy(opts, size);
+    cfg.hash = hash;
+    // Without a checksum nothing looks at the data: a pure read.
+    cfg.detect_zero = cfg.detect_zero && hash;
+    cfg.block_map = None;
+    let digest = read_back(dev, cfg, &counters, start, progress)?.digest;
     Ok(ReadReport {
         size,
         bytes_read: counters.read_back.load(Ordering::Relaxed),
