@@ -324,15 +324,19 @@ fn write_side(
             let _ = returned.send(buf);
             continue;
         }
-        observer.data(offset, &buf.as_slice()[..len]);
         let buf = Arc::new(buf);
         let op = IoOp::Write {
             offset,
-            buf,
+            buf: buf.clone(),
             start: 0,
             len,
         };
         destination.submit(offset, op)?;
+        // The observer (the engine hashing the block) works while librbd
+        // writes: both only read the buffer. Our reference goes before the
+        // next reap, so the completion gets the buffer back whole.
+        observer.data(offset, &buf.as_slice()[..len]);
+        drop(buf);
         written += len as u64;
     }
     while destination.in_flight() > 0 {
