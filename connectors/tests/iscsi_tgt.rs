@@ -60,54 +60,9 @@ impl Tgt {
     fn add_target(&mut self, tid: u32, size: u64, thin: bool) -> PathBuf {
         let file = self.dir.path().join(format!("lun{tid}.img"));
         File::create(&file).unwrap().set_len(size).unwrap();
-        let t = tid.to_string();
-        self.adm(&[
-            "--mode",
-            "target",
-            "--op",
-            "new",
-            "--tid",
-            &t,
-            "--targetname",
-            &Self::iqn(tid),
-        ]);
+        self.daemon
+            .add_lun_target(tid, &Self::iqn(tid), &file, thin);
         self.tids.push(tid);
-        self.adm(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "new",
-            "--tid",
-            &t,
-            "--lun",
-            "1",
-            "--backing-store",
-            file.to_str().unwrap(),
-        ]);
-        if thin {
-            self.adm(&[
-                "--mode",
-                "logicalunit",
-                "--op",
-                "update",
-                "--tid",
-                &t,
-                "--lun",
-                "1",
-                "--params",
-                "thin_provisioning=1",
-            ]);
-        }
-        self.adm(&[
-            "--mode",
-            "target",
-            "--op",
-            "bind",
-            "--tid",
-            &t,
-            "--initiator-address",
-            "ALL",
-        ]);
         file
     }
 
@@ -136,23 +91,7 @@ impl Tgt {
 
     /// (sid, cid) of every connection of a target.
     fn connections(&self, tid: u32) -> Vec<(String, String)> {
-        let show = self.adm(&["--mode", "target", "--op", "show"]);
-        let mut in_target = false;
-        let mut sid = None;
-        let mut out = Vec::new();
-        for line in show.lines() {
-            let l = line.trim();
-            if let Some(rest) = line.strip_prefix("Target ") {
-                in_target = rest.starts_with(&format!("{tid}:"));
-            } else if in_target {
-                if let Some(s) = l.strip_prefix("I_T nexus: ") {
-                    sid = Some(s.to_string());
-                } else if let Some(c) = l.strip_prefix("Connection: ") {
-                    out.push((sid.clone().unwrap(), c.to_string()));
-                }
-            }
-        }
-        out
+        self.daemon.connections(tid)
     }
 }
 

@@ -219,21 +219,41 @@ struct CopyArgs {
     /// Destination, in the same forms; a path (or an RBD image) that does
     /// not exist is created, sparse, of the source's size.
     destination: String,
+    #[command(flatten)]
+    io: IoArgs,
+    /// Checksum source and destination (XXH3-128) and fail on a mismatch.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    /// A file, a block device, an `rbd:` image or an `iscsi://` LUN.
+    source: String,
+    #[command(flatten)]
+    io: IoArgs,
+    /// Only read (a throughput or health check without the checksum).
+    #[arg(long)]
+    no_checksum: bool,
+}
+
+/// How `copy` and `read` drive the devices.
+#[derive(Args)]
+struct IoArgs {
     /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
     #[arg(long, default_value = "2M", value_parser = parse_bytes)]
     block_size: u64,
-    /// Buffers, and so requests in flight (reads plus writes).
+    /// Buffers, and so requests in flight (reads plus writes for a copy).
     #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]
     queue_depth: usize,
-    /// What to do with ranges that read as zero.
+    /// Ranges that read as zero: auto skips holes and zero blocks (and
+    /// zeroes them on a destination that is not known zero), always also
+    /// deallocates them, never reads and writes every byte.
     #[arg(long, value_enum, default_value_t = Sparse::Auto)]
     sparse: Sparse,
     /// Limit reads to this many bytes per second (e.g. 100M).
     #[arg(long, value_parser = parse_bytes)]
     bwlimit: Option<u64>,
-    /// Checksum source and destination (XXH3-128) and fail on a mismatch.
-    #[arg(long)]
-    verify: bool,
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
     /// O_DIRECT: auto uses it where the device allows.
@@ -241,29 +261,16 @@ struct CopyArgs {
     direct: Direct,
 }
 
-#[derive(Args)]
-struct ReadArgs {
-    /// A file, a block device, an `rbd:` image or an `iscsi://` LUN.
-    source: String,
-    /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
-    #[arg(long, default_value = "2M", value_parser = parse_bytes)]
-    block_size: u64,
-    /// Requests in flight.
-    #[arg(long, default_value_t = copy::DEFAULT_QUEUE_DEPTH)]
-    queue_depth: usize,
-    /// auto: skip what the allocation map says are holes; never: read every byte.
-    #[arg(long, value_enum, default_value_t = Sparse::Auto)]
-    sparse: Sparse,
-    /// Limit reads to this many bytes per second (e.g. 100M).
-    #[arg(long, value_parser = parse_bytes)]
-    bwlimit: Option<u64>,
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
-    progress: ProgressMode,
-    #[arg(long, value_enum, default_value_t = Direct::Auto)]
-    direct: Direct,
-    /// Only read (a throughput or health check without the checksum).
-    #[arg(long)]
-    no_checksum: bool,
+impl IoArgs {
+    fn copy_options(&self) -> CopyOptions {
+        CopyOptions {
+            block_size: self.block_size,
+            queue_depth: self.queue_depth,
+            sparse: sparse_mode(self.sparse),
+            bwlimit: self.bwlimit,
+            ..CopyOptions::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -698,20 +705,15 @@ fn direct_io(d: Direct) -> DirectIo {
 }
 
 fn run_read(args: ReadArgs) -> CmdResult {
-    let mut reporter = Reporter::new(args.progress);
-    let opts = CopyOptions {
-        block_size: args.block_size,
-        queue_depth: args.queue_depth,
-        sparse: sparse_mode(args.sparse),
-        bwlimit: args.bwlimit,
-        ..CopyOptions::default()
-    };
+    let mut reporter = Reporter::new(args.io.progress);
+    let opts = args.io.copy_options();
     let fail = |reporter: &mut Reporter, msg: String| {
         reporter.error(&msg);
         msg
     };
-    let mut source = devices::open_source(&args.source, opts.queue_depth, direct_io(args.direct))
-        .map_err(|e| fail(&mut reporter, e.to_string()))?;
+    let mut source =
+        devices::open_source(&args.source, opts.queue_depth, direct_io(args.io.direct))
+            .map_err(|e| fail(&mut reporter, e.to_string()))?;
     let hash = !args.no_checksum;
     match copy::read_device(&mut *source.device, &opts, hash, &mut |p| {
         reporter.update(p)
@@ -725,18 +727,13 @@ fn run_read(args: ReadArgs) -> CmdResult {
 }
 
 fn run_copy(args: CopyArgs) -> CmdResult {
-    let mut reporter = Reporter::new(args.progress);
+    let mut reporter = Reporter::new(args.io.progress);
     let opts = CopyOptions {
-        block_size: args.block_size,
-        queue_depth: args.queue_depth,
-        sparse: sparse_mode(args.sparse),
-        bwlimit: args.bwlimit,
         verify: args.verify,
         checksum: args.verify,
-        destination_is_zero: false,
-        block_map: None,
+        ..args.io.copy_options()
     };
-    let direct = direct_io(args.direct);
+    let direct = direct_io(args.io.direct);
     let fail = |reporter: &mut Reporter, msg: String| {
         reporter.error(&msg);
         msg

@@ -176,11 +176,20 @@ impl TgtDaemon {
         conns.len()
     }
 
-    /// Makes a target with LUN 1 backed by `file`, open to every initiator;
-    /// returns its IQN.
+    /// Makes a thin target with LUN 1 backed by `file`, open to every
+    /// initiator; returns its IQN.
     pub fn add_target(&self, tid: u32, file: &Path) -> String {
         let iqn = format!("iqn.2026-11.org.volback.test:t{tid}");
+        self.add_lun_target(tid, &iqn, file, true);
+        iqn
+    }
+
+    /// Makes target `tid` named `iqn` with LUN 1 backed by `file` (thin:
+    /// LBPME with UNMAP and WRITE SAME), open to every initiator.
+    pub fn add_lun_target(&self, tid: u32, iqn: &str, file: &Path, thin: bool) {
         let t = tid.to_string();
+        let path = file.to_string_lossy();
+        let lun = ["--tid", t.as_str(), "--lun", "1"];
         self.tgtadm(&[
             "--mode",
             "target",
@@ -189,33 +198,18 @@ impl TgtDaemon {
             "--tid",
             &t,
             "--targetname",
-            &iqn,
+            iqn,
         ]);
-        let path = file.to_string_lossy();
-        self.tgtadm(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "new",
-            "--tid",
-            &t,
-            "--lun",
-            "1",
-            "--backing-store",
-            &path,
-        ]);
-        self.tgtadm(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "update",
-            "--tid",
-            &t,
-            "--lun",
-            "1",
-            "--params",
-            "thin_provisioning=1",
-        ]);
+        let mut new = vec!["--mode", "logicalunit", "--op", "new"];
+        new.extend(lun);
+        new.extend(["--backing-store", &path]);
+        self.tgtadm(&new);
+        if thin {
+            let mut update = vec!["--mode", "logicalunit", "--op", "update"];
+            update.extend(lun);
+            update.extend(["--params", "thin_provisioning=1"]);
+            self.tgtadm(&update);
+        }
         self.tgtadm(&[
             "--mode",
             "target",
@@ -226,7 +220,6 @@ impl TgtDaemon {
             "--initiator-address",
             "ALL",
         ]);
-        iqn
     }
 
     /// The `iscsi://` URL of LUN `lun` of target `iqn` on this daemon.

@@ -75,16 +75,13 @@ fn write_second(img: &RbdImage) {
 
 const SIZE: u64 = 16 * MIB;
 
-// 1. rbd -> file pool -> rbd ---------------------------------------------------
-
-#[test]
-fn rbd_volume_backup_to_file_pool_and_restore_to_rbd() {
-    let a = ceph_conf('A');
-    with_scratch(|s| {
-        let inst = installation(
-            s,
-            &format!(
-                "backends:
+/// Backend `ceph` (pool `ceph:vol`, Ceph pool `volumes` of the cluster of
+/// `conf`) backed up to the file pool `backup:vault`.
+fn rbd_and_vault(s: &Scratch, conf: &Path) -> Installation {
+    installation(
+        s,
+        &format!(
+            "backends:
   - name: ceph
     driver: rbd
     options: {{conf: {}}}
@@ -96,9 +93,18 @@ backup:
   default_target: backup:vault
   catalog: catalog.db
 ",
-                conf_arg(&a)
-            ),
-        );
+            conf_arg(conf)
+        ),
+    )
+}
+
+// 1. rbd -> file pool -> rbd ---------------------------------------------------
+
+#[test]
+fn rbd_volume_backup_to_file_pool_and_restore_to_rbd() {
+    let a = ceph_conf('A');
+    with_scratch(|s| {
+        let inst = rbd_and_vault(s, &a);
         inst.ok(["check-config"]);
         let id = inst.create_volume("ceph:vol", "rbd-data", SIZE);
         let src = guard(&a, "volumes", &id);
@@ -144,24 +150,7 @@ fn in_use_rbd_volume_is_backed_up_through_a_snapshot() {
     use volback_connectors::rbd::{RbdDevice, RbdSpec};
     let a = ceph_conf('A');
     with_scratch(|s| {
-        let inst = installation(
-            s,
-            &format!(
-                "backends:
-  - name: ceph
-    driver: rbd
-    options: {{conf: {}}}
-    pools: {{vol: volumes}}
-  - name: backup
-    driver: file
-    pools: {{vault: backup/vault}}
-backup:
-  default_target: backup:vault
-  catalog: catalog.db
-",
-                conf_arg(&a)
-            ),
-        );
+        let inst = rbd_and_vault(s, &a);
         let id = inst.create_volume("ceph:vol", "rbd-busy", SIZE);
         let src = guard(&a, "volumes", &id);
         write_first(&src);
