@@ -71,6 +71,23 @@ impl Extent {
     }
 }
 
+/// The end of an allocation-map query of `[offset, offset + len)` on a
+/// device of `size` bytes, or the error for a query past its end.
+pub(crate) fn map_query_end(
+    device: &str,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<u64, DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(end),
+        _ => Err(
+            DeviceError::invalid(device, "allocation map query past the end of the device")
+                .at(offset, len),
+        ),
+    }
+}
+
 /// Capability: the device can say which ranges hold data.
 pub trait AllocationMap {
     /// Extents covering exactly `[offset, offset + len)`, in order. A range

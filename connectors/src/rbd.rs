@@ -352,16 +352,7 @@ impl AllocationMap for RbdDevice {
     /// reads. Without fast-diff librbd asks every object either way, so the
     /// exact extents come at no extra cost.
     fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
-        let end = match offset.checked_add(len) {
-            Some(end) if end <= self.size => end,
-            _ => {
-                return Err(DeviceError::invalid(
-                    &self.name,
-                    "allocation map query past the end of the device",
-                )
-                .at(offset, len))
-            }
-        };
+        let end = crate::device::map_query_end(&self.name, self.size, offset, len)?;
         let mut data: Vec<(u64, u64)> = Vec::new();
         self.image
             .diff_iterate2(

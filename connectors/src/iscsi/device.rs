@@ -663,16 +663,7 @@ impl AllocationMap for IscsiDevice {
     /// From GET LBA STATUS: mapped blocks are data, deallocated and
     /// anchored ones holes.
     fn extents(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
-        let end = match offset.checked_add(len) {
-            Some(end) if end <= self.size => end,
-            _ => {
-                return Err(DeviceError::invalid(
-                    &self.name,
-                    "allocation map query past the end of the device",
-                )
-                .at(offset, len))
-            }
-        };
+        let end = crate::device::map_query_end(&self.name, self.size, offset, len)?;
         let bs = self.info.block_size as u64;
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |start: u64, stop: u64, data: bool| {
