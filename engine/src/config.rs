@@ -991,34 +991,14 @@ fn parse_backend(b: RawBackend, base_dir: &Path, file: &str) -> Result<BackendCo
     };
     let settings = match driver {
         DriverKind::File => {
+            let opts = OptionErrors::new(file, &b.name, driver);
             let mut loop_devices = true;
-            for (k, v) in &options {
-                let Some(key) = k.as_str() else {
-                    return Err(ConfigError::BadOption {
-                        file: file.into(),
-                        backend: b.name,
-                        key: "options".into(),
-                        expected: "a mapping with string keys".into(),
-                    });
-                };
+            for (key, v) in opts.entries(&options)? {
                 match key {
                     "loop_devices" => {
-                        loop_devices = v.as_bool().ok_or_else(|| ConfigError::BadOption {
-                            file: file.into(),
-                            backend: b.name.clone(),
-                            key: key.into(),
-                            expected: "true or false".into(),
-                        })?
+                        loop_devices = v.as_bool().ok_or_else(|| opts.bad(key, "true or false"))?
                     }
-                    _ => {
-                        return Err(ConfigError::UnknownOption {
-                            file: file.into(),
-                            backend: b.name,
-                            driver: driver.to_string(),
-                            key: key.into(),
-                            known: list(FILE_OPTIONS.iter().copied()),
-                        })
-                    }
+                    _ => return Err(opts.unknown(key)),
                 }
             }
             DriverSettings::File(FileSettings {
@@ -1053,6 +1033,70 @@ fn parse_backend(b: RawBackend, base_dir: &Path, file: &str) -> Result<BackendCo
     })
 }
 
+/// Reading one backend's options: its (name, value) pairs, and the errors
+/// about them, which name the key and never the value (it may be a secret).
+struct OptionErrors<'a> {
+    file: &'a str,
+    backend: &'a str,
+    driver: DriverKind,
+}
+
+impl<'a> OptionErrors<'a> {
+    fn new(file: &'a str, backend: &'a str, driver: DriverKind) -> Self {
+        Self {
+            file,
+            backend,
+            driver,
+        }
+    }
+
+    fn bad(&self, key: &str, expected: &str) -> ConfigError {
+        ConfigError::BadOption {
+            file: self.file.into(),
+            backend: self.backend.into(),
+            key: key.into(),
+            expected: expected.into(),
+        }
+    }
+
+    fn unknown(&self, key: &str) -> ConfigError {
+        let known = match self.driver {
+            DriverKind::File => FILE_OPTIONS,
+            DriverKind::Rbd => RBD_OPTIONS,
+            DriverKind::Tgt => TGT_OPTIONS,
+        };
+        ConfigError::UnknownOption {
+            file: self.file.into(),
+            backend: self.backend.into(),
+            driver: self.driver.to_string(),
+            key: key.into(),
+            known: list(known.iter().copied()),
+        }
+    }
+
+    /// The options' (name, value) pairs; a name that is not a string is an error.
+    fn entries<'m>(
+        &self,
+        options: &'m serde_norway::Mapping,
+    ) -> Result<Vec<(&'m str, &'m Value)>, ConfigError> {
+        options
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                Some(key) => Ok((key, v)),
+                None => Err(self.bad("options", "a mapping with string keys")),
+            })
+            .collect()
+    }
+
+    /// Option `key`'s value as a non-empty string.
+    fn string(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        v.as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| self.bad(key, "a non-empty string"))
+    }
+}
+
 /// The options of an rbd backend, key by key; errors name the key, never
 /// the value.
 fn parse_rbd_options(
@@ -1062,26 +1106,15 @@ fn parse_rbd_options(
     base_dir: &Path,
     file: &str,
 ) -> Result<RbdSettings, ConfigError> {
-    let bad = |key: &str, expected: &str| ConfigError::BadOption {
-        file: file.into(),
-        backend: backend.into(),
-        key: key.into(),
-        expected: expected.into(),
-    };
+    let opts = OptionErrors::new(file, backend, DriverKind::Rbd);
+    let bad = |key: &str, expected: &str| opts.bad(key, expected);
     let mut cluster = ClusterConfig::default();
-    for (k, v) in options {
-        let Some(key) = k.as_str() else {
-            return Err(bad("options", "a mapping with string keys"));
-        };
-        let string = || {
-            v.as_str()
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad(key, "a non-empty string"))
-        };
+    for (key, v) in opts.entries(options)? {
+        let string = || opts.string(key, v);
         match key {
             "conf" => cluster.conf = Some(base_dir.join(string()?)),
             "keyring" => cluster.keyring = Some(base_dir.join(string()?)),
-            "id" => cluster.id = Some(string()?.to_string()),
+            "id" => cluster.id = Some(string()?),
             "connect_timeout" => {
                 let secs = v
                     .as_f64()
@@ -1094,15 +1127,7 @@ fn parse_rbd_options(
                     })?;
                 cluster.connect_timeout = std::time::Duration::from_secs_f64(secs);
             }
-            _ => {
-                return Err(ConfigError::UnknownOption {
-                    file: file.into(),
-                    backend: backend.into(),
-                    driver: DriverKind::Rbd.to_string(),
-                    key: key.into(),
-                    known: list(RBD_OPTIONS.iter().copied()),
-                })
-            }
+            _ => return Err(opts.unknown(key)),
         }
     }
     if cluster.conf.is_none() {
@@ -1134,12 +1159,8 @@ fn parse_tgt_options(
     base_dir: &Path,
     file: &str,
 ) -> Result<TgtConfig, ConfigError> {
-    let bad = |key: &str, expected: &str| ConfigError::BadOption {
-        file: file.into(),
-        backend: backend.into(),
-        key: key.into(),
-        expected: expected.into(),
-    };
+    let opts = OptionErrors::new(file, backend, DriverKind::Tgt);
+    let bad = |key: &str, expected: &str| opts.bad(key, expected);
     let mut config = TgtConfig {
         portal: String::new(),
         control_port: None,
@@ -1158,16 +1179,8 @@ fn parse_tgt_options(
         c.secret_file = base_dir.join(&c.secret_file);
         Ok(c)
     };
-    for (k, v) in options {
-        let Some(key) = k.as_str() else {
-            return Err(bad("options", "a mapping with string keys"));
-        };
-        let string = || {
-            v.as_str()
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .ok_or_else(|| bad(key, "a non-empty string"))
-        };
+    for (key, v) in opts.entries(options)? {
+        let string = || opts.string(key, v);
         match key {
             "portal" => config.portal = string()?,
             "iqn_prefix" => config.iqn_prefix = string()?,
@@ -1182,15 +1195,7 @@ fn parse_tgt_options(
                 config.target_params = serde_norway::from_value(v.clone())
                     .map_err(|_| bad(key, "a mapping of iSCSI parameter names to values"))?;
             }
-            _ => {
-                return Err(ConfigError::UnknownOption {
-                    file: file.into(),
-                    backend: backend.into(),
-                    driver: DriverKind::Tgt.to_string(),
-                    key: key.into(),
-                    known: list(TGT_OPTIONS.iter().copied()),
-                })
-            }
+            _ => return Err(opts.unknown(key)),
         }
     }
     if config.portal.is_empty() {
