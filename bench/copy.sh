@@ -42,6 +42,8 @@
 # its source (FAIL in the table). Performance targets are informational.
 
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
@@ -70,12 +72,6 @@ SIZE_BYTES=$(numfmt --from=iec "$SIZE") || die "cannot parse SIZE=$SIZE"
 
 # Install what is missing; apt-get update only once, and only if needed.
 APT_UPDATED=0
-need() { # need COMMAND PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2 (for $1)"
-    if (( ! APT_UPDATED )); then apt-get update -qq; APT_UPDATED=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
 need losetup mount
 need qemu-img qemu-utils
 need python3 python3
@@ -161,16 +157,6 @@ if (( ! SKIP_VOLBACK )); then
     fi
     [[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
 fi
-
-attach() { # attach FILE [extra losetup flags]; sets ATTACHED
-    ATTACHED=$(losetup --find --show --direct-io=on "${@:2}" "$1")
-    LOOPS+=("$ATTACHED")
-}
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
 
 # ---------------------------------------------------------------- sources ----
 

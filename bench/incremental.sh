@@ -67,6 +67,8 @@
 # informational (PASS/MISS).
 
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
@@ -105,9 +107,6 @@ for c in $CASES; do
     case $c in hash-map|driver) ;; *) die "unknown case '$c' (hash-map, driver)" ;; esac
 done
 
-bytes() { # bytes NAME VALUE: IEC size -> bytes
-    numfmt --from=iec "$2" 2>/dev/null || die "cannot parse $1=$2"
-}
 SIZE_BYTES=$(bytes SIZE "$SIZE")
 MAP_BYTES=$(bytes MAP_BLOCK "$MAP_BLOCK")
 CHUNK_BYTES=$(bytes CHANGE_CHUNK "$CHANGE_CHUNK")
@@ -126,12 +125,6 @@ MiB=$((1024 * 1024))
 # --------------------------------------------------------------- tools -------
 
 APT_UPDATED=0
-need() { # need COMMAND PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2 (for $1)"
-    if (( ! APT_UPDATED )); then apt-get update -qq; APT_UPDATED=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
 need losetup mount
 need findmnt util-linux
 need python3 python3
@@ -170,18 +163,6 @@ exec 3>&1 4>&2   # cleanup's messages must not vanish into a tool's log
 # Loop devices (NAME BACK-FILE) whose backing file is under $1/.
 loops_under() {
     losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$1/" 'index($2, p) == 1 { print $1 }'
-}
-
-detach_retry() { # detach_retry DEV
-    local i
-    for i in 1 2 3 4 5 6; do
-        losetup -d "$1" 2>/dev/null && return 0
-        # Already gone (e.g. autoclear) counts as detached.
-        losetup "$1" >/dev/null 2>&1 || return 0
-        sleep 0.5
-    done
-    echo "incremental.sh: WARNING: could not detach $1" >&2
-    return 1
 }
 
 umount_retry() { # umount_retry MOUNTPOINT
@@ -274,11 +255,6 @@ if [[ -z ${VOLBACK:-} ]]; then
     VOLBACK=$REPO_ROOT/target/release/volback
 fi
 [[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
 
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }

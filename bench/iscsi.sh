@@ -127,6 +127,8 @@
 # checks that none of its tgtd or loop devices are left.
 
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
@@ -171,9 +173,6 @@ for c in $CASES; do
 done
 (( DO_READ + DO_COPY + DO_WRITE )) || die "CASES names no case"
 
-bytes() { # bytes NAME VALUE: IEC size -> bytes
-    numfmt --from=iec "$2" 2>/dev/null || die "cannot parse $1=$2"
-}
 SIZE_BYTES=$(bytes SIZE "$SIZE")
 BLOCK_BYTES=$(bytes BLOCK "$BLOCK")
 MiB=$((1024 * 1024))
@@ -190,14 +189,6 @@ done
 # --------------------------------------------------------------- tools -------
 
 APT_UPDATED=0
-need_pkg() { # need_pkg PACKAGE...: apt-get install those not installed
-    local p missing=()
-    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-    (( ${#missing[@]} )) || return 0
-    log "installing ${missing[*]}"
-    if (( ! APT_UPDATED )); then apt-get update -qq; APT_UPDATED=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 bash "$TGT_SH" install
 need_pkg util-linux mount diffutils coreutils python3 time qemu-utils qemu-block-extra
 for c in tgtd tgtadm iscsi-perf iscsi-readcapacity16 qemu-img losetup cmp python3; do
@@ -230,22 +221,6 @@ TGT_PID= TGT_CTL= TGT_PORTAL=
 LOOPS=()
 
 exec 3>&1 4>&2   # cleanup's messages must not vanish into a tool's log
-
-detach_retry() { # detach_retry DEV
-    local i
-    for i in 1 2 3 4 5 6; do
-        losetup -d "$1" 2>/dev/null && return 0
-        losetup "$1" >/dev/null 2>&1 || return 0   # already gone
-        sleep 0.5
-    done
-    echo "iscsi.sh: WARNING: could not detach $1" >&2
-    return 1
-}
-
-# Loop devices whose backing file is under BENCH_DIR (also "(deleted)" ones).
-our_loops() {
-    losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$BENCH_DIR/" 'index($2, p) == 1 { print $1 }'
-}
 
 # Whether TGT_PID is alive and still our tgtd.
 tgtd_alive() {
@@ -310,11 +285,6 @@ if [[ -z ${VOLBACK:-} ]]; then
     VOLBACK=$tdir/release/volback
 fi
 [[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
 
 warm_lun() { # the LUN's backing file into the page cache (WARM=1)
     (( WARM )) || return 0
@@ -542,11 +512,6 @@ read_run() { # read_run RUN TOOL
 }
 
 # ------------------------------------------------------------- case copy -----
-
-attach() { # attach FILE; sets ATTACHED
-    ATTACHED=$(losetup --find --show --direct-io=on "$1")
-    LOOPS+=("$ATTACHED")
-}
 
 DST_LOOP=
 drop_dst() { # detach the destination loop device and forget it

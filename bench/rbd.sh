@@ -80,6 +80,8 @@
 # its source (FAIL). Performance targets are informational (PASS/MISS).
 
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
@@ -125,9 +127,6 @@ for c in $CASES; do
     esac
 done
 
-bytes() { # bytes NAME VALUE: IEC size -> bytes
-    numfmt --from=iec "$2" 2>/dev/null || die "cannot parse $1=$2"
-}
 SIZE_BYTES=$(bytes SIZE "$SIZE")
 CHUNK_BYTES=$(bytes CHANGE_CHUNK "$CHANGE_CHUNK")
 ALIGN_BYTES=$(bytes CHANGE_ALIGN "$CHANGE_ALIGN")
@@ -142,14 +141,6 @@ MiB=$((1024 * 1024))
 # --------------------------------------------------------------- tools -------
 
 APT_UPDATED=0
-need_pkg() { # need_pkg PACKAGE...: apt-get install those not installed
-    local p missing=()
-    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-    (( ${#missing[@]} )) || return 0
-    log "installing ${missing[*]}"
-    if (( ! APT_UPDATED )); then apt-get update -qq; APT_UPDATED=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 need_pkg util-linux mount diffutils coreutils python3
 if ! command -v ceph-mon >/dev/null || ! command -v rbd >/dev/null; then
     bash "$CEPH_SH" install
@@ -183,22 +174,6 @@ CEPH_STARTED=0
 LOOPS=()
 
 exec 3>&1 4>&2   # cleanup's messages must not vanish into a tool's log
-
-detach_retry() { # detach_retry DEV
-    local i
-    for i in 1 2 3 4 5 6; do
-        losetup -d "$1" 2>/dev/null && return 0
-        losetup "$1" >/dev/null 2>&1 || return 0   # already gone
-        sleep 0.5
-    done
-    echo "rbd.sh: WARNING: could not detach $1" >&2
-    return 1
-}
-
-# Loop devices whose backing file is under BENCH_DIR.
-our_loops() {
-    losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$BENCH_DIR/" 'index($2, p) == 1 { print $1 }'
-}
 
 # PIDs of processes running with this script's cluster conf: ceph.sh stops
 # only the daemons it recorded, and one being launched is not recorded yet.
@@ -278,11 +253,6 @@ if [[ -z ${VOLBACK:-} ]]; then
     VOLBACK=$tdir/release/volback
 fi
 [[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
 
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
@@ -416,11 +386,6 @@ log "ceph: $(rbd --version | cut -d' ' -f1-3)"
 log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (others' work skews the times)"
 
 # ------------------------------------------------ case copy: rbd -> loop -----
-
-attach() { # attach FILE; sets ATTACHED
-    ATTACHED=$(losetup --find --show --direct-io=on "$1")
-    LOOPS+=("$ATTACHED")
-}
 
 drop_dst() { # detach the destination loop device and forget it
     local keep=() d
