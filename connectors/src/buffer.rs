@@ -54,6 +54,23 @@ impl AlignedBuf {
     }
 }
 
+/// True when every byte is zero. Checks 64 bytes at a time so the compiler
+/// vectorises it, and stops at the first non-zero chunk (random data exits
+/// after one chunk).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u8;
+        for &b in c {
+            acc |= b;
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         let layout = Layout::from_size_align(self.len, BUFFER_ALIGN).expect("buffer layout");
@@ -73,6 +90,17 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 8195];
+        assert!(is_zero(&v[1..]));
+        v[8194] = 1;
+        assert!(!is_zero(&v[3..]));
+        v[8194] = 0;
+        v[4000] = 9;
+        assert!(!is_zero(&v));
+    }
 
     #[test]
     fn aligned_and_rounded_and_zeroed() {

@@ -13,7 +13,7 @@
 //! builds the backup's block map from what the fast path moved, then reads
 //! back what was written to verify it, exactly as after a generic copy.
 
-use crate::{ConnectionInfo, Result};
+use crate::{merge_ranges, ChangedRange, ConnectionInfo, Result};
 
 /// What the engine asks a fast path to move.
 #[derive(Debug, Clone)]
@@ -80,24 +80,22 @@ pub trait FastPath: Send + Sync {
 /// Rounds `[offset, offset + len)` ranges out to `granularity` (clipped at
 /// `size`), then sorts and merges them.
 pub fn round_out(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = ranges
+    let rounded = ranges
         .iter()
         .filter(|r| r.1 > 0 && r.0 < size)
         .map(|&(off, len)| {
             let start = off / granularity * granularity;
             let end = (off + len).div_ceil(granularity) * granularity;
-            (start, end.min(size))
+            ChangedRange {
+                offset: start,
+                len: end.min(size) - start,
+            }
         })
         .collect();
-    out.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
-    for (start, end) in out {
-        match merged.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
-        }
-    }
-    merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+    merge_ranges(rounded)
+        .into_iter()
+        .map(|r| (r.offset, r.len))
+        .collect()
 }
 
 #[cfg(test)]

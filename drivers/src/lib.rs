@@ -119,6 +119,24 @@ pub struct ChangedRange {
     pub len: u64,
 }
 
+/// Sorts and merges ranges so they are disjoint and non-adjacent (the form
+/// [`VolumeDriver::changed_ranges`] promises).
+pub(crate) fn merge_ranges(mut ranges: Vec<ChangedRange>) -> Vec<ChangedRange> {
+    ranges.retain(|r| r.len > 0);
+    ranges.sort_by_key(|r| r.offset);
+    let mut out: Vec<ChangedRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.offset <= last.offset + last.len => {
+                let end = (last.offset + last.len).max(r.offset + r.len);
+                last.len = end - last.offset;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// A volume driver. Pool names are the ones configured for the backend.
 pub trait VolumeDriver: Send + Sync {
     /// The driver's kind, as written in the configuration ("file").

@@ -29,8 +29,8 @@ use volback_connectors::rbd::{
 };
 
 use crate::{
-    ChangedRange, ConnectionInfo, DriverError, DriverErrorKind, ExportOptions, ExportTarget,
-    Metadata, PoolIdentity, PoolInfo, Result, SnapshotInfo, VolumeDriver, VolumeInfo,
+    merge_ranges, ChangedRange, ConnectionInfo, DriverError, DriverErrorKind, ExportOptions,
+    ExportTarget, Metadata, PoolIdentity, PoolInfo, Result, SnapshotInfo, VolumeDriver, VolumeInfo,
 };
 
 const VOLUME_PREFIX: &str = "volume-";
@@ -278,23 +278,6 @@ fn volume_image(id: &str) -> String {
 
 fn snapshot_name(id: &str) -> String {
     format!("{SNAPSHOT_PREFIX}{id}")
-}
-
-/// Sorts and merges ranges so they are disjoint and non-adjacent.
-fn merge_ranges(mut ranges: Vec<ChangedRange>) -> Vec<ChangedRange> {
-    ranges.retain(|r| r.len > 0);
-    ranges.sort_by_key(|r| r.offset);
-    let mut out: Vec<ChangedRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.offset <= last.offset + last.len => {
-                let end = (last.offset + last.len).max(r.offset + r.len);
-                last.len = end - last.offset;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 impl RbdDriver {

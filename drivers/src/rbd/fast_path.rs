@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc};
 use tracing::{debug, info};
 use volback_connectors::rbd::{RbdDevice, RbdSpec};
 use volback_connectors::{
-    AlignedBuf, BlockDevice, Completion, DeviceError, IoOp, Returned, ZeroMode,
+    is_zero, AlignedBuf, BlockDevice, Completion, DeviceError, IoOp, Returned, ZeroMode,
 };
 
 use super::{volume_image, RbdDriver};
@@ -347,29 +347,4 @@ fn write_side(
     destination.reap(1, &mut done)?;
     settle(&mut done)?;
     Ok((written, zeroed))
-}
-
-/// Whether a buffer is all zero bytes, eight at a time.
-fn is_zero(data: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: any byte pattern is a valid u64.
-        unsafe { data.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_zero;
-
-    #[test]
-    fn zero_detection() {
-        let mut v = vec![0u8; 8195];
-        assert!(is_zero(&v[1..]));
-        v[8194] = 1;
-        assert!(!is_zero(&v[3..]));
-        v[8194] = 0;
-        v[4000] = 9;
-        assert!(!is_zero(&v));
-    }
 }

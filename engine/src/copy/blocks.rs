@@ -23,22 +23,7 @@ pub struct Run {
     pub kind: RunKind,
 }
 
-/// True when every byte is zero. Checks 64 bytes at a time so the compiler
-/// vectorises it, and stops at the first non-zero chunk (random data exits
-/// after one chunk).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    for c in &mut chunks {
-        let mut acc = 0u8;
-        for &b in c {
-            acc |= b;
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
-}
+pub use volback_connectors::is_zero;
 
 /// Splits `data` into runs of zero and non-zero grid blocks (the last block
 /// may be short) and, if `hashes` is given, appends one hash per block.

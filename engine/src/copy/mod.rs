@@ -435,7 +435,7 @@ fn reads_as_zero(dev: &mut dyn BlockDevice, size: u64) -> Result<bool, DeviceErr
 }
 
 /// Calls `progress` every 200 ms until `finished`, and once at the end.
-fn watch(
+pub(crate) fn watch(
     counters: &Counters,
     phase: Phase,
     total: u64,

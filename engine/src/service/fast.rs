@@ -3,9 +3,9 @@
 //! engine watches it go by to build the backup's block map, then reads back
 //! what was written and checks it against that map, as after a generic copy.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use volback_drivers::{ConnectionInfo, TransferObserver, TransferRequest, VolumeDriver};
 
@@ -107,30 +107,16 @@ impl Service {
             counters: &counters,
             pages: Vec::new(),
         };
-        let done = AtomicU64::new(0);
         let outcome = std::thread::scope(|s| {
-            let worker = s.spawn(|| {
-                let r = fast.transfer(&request, &mut observer);
-                done.store(1, Ordering::Release);
-                r
-            });
+            let worker = s.spawn(|| fast.transfer(&request, &mut observer));
             let mut recorder = self.progress_recorder(op);
-            let snapshot = |phase| Progress {
-                phase,
-                total: job.size,
-                done: counters.done(),
-                read: counters.read.load(Ordering::Relaxed),
-                written: counters.written.load(Ordering::Relaxed),
-                zeroed: counters.zeroed.load(Ordering::Relaxed),
-                skipped: 0,
-                elapsed: start.elapsed(),
+            let mut report = |p: &Progress| {
+                progress(p);
+                recorder(p);
             };
-            while done.load(Ordering::Acquire) == 0 {
-                std::thread::sleep(Duration::from_millis(100));
-                let p = snapshot(Phase::Copy);
-                progress(&p);
-                recorder(&p);
-            }
+            copy::watch(&counters, Phase::Copy, job.size, start, &mut report, || {
+                worker.is_finished()
+            });
             worker.join().expect("fast path thread panicked")
         });
         let Some(report) = outcome? else {
