@@ -11,9 +11,13 @@
 #   * attaches sources and a destination as loop devices with direct I/O;
 #   * copies source loop -> destination loop with volback, dd bs=1M direct,
 #     dd bs=4M (buffered + conv=fsync), qemu-img convert, RUNS times each,
-#     round-robin, dropping caches and resetting the destination before every
-#     run, and checks the destination equals the source after every run;
-#   * measures fio's concurrent read+write ceiling on the same loop devices;
+#     round-robin with the order rotated each round (a tool's run is slowed
+#     by the host still writing back the previous tool's data, so no tool
+#     always follows the same one), dropping caches and resetting the
+#     destination before every run, and checks the destination equals the
+#     source after every run (read back: both devices read in full);
+#   * measures fio's concurrent read+write ceiling on the same loop devices
+#     (followed by the same read-back, so the next tool starts alike);
 #   * prints a table of medians, ratios and PASS/MISS against the targets.
 #
 # Environment:
@@ -281,7 +285,12 @@ log "SIZE=$SIZE ($SIZE_BYTES bytes) RUNS=$RUNS CASES='$CASES' tools: ${TOOLS[*]}
 for c in $CASES; do
     src=${SRC_LOOP[$c]}
     for (( run = 1; run <= RUNS; run++ )); do
-        for tool in "${TOOLS[@]}"; do
+        # Rotate the order from round to round, so no tool always runs
+        # right after the same other one (the host's write-back of one
+        # tool's data slows whichever tool comes next).
+        n_tools=${#TOOLS[@]}
+        for (( k = 0; k < n_tools; k++ )); do
+            tool=${TOOLS[(k + run - 1) % n_tools]}
             reset_dst
             drop_caches
             t0=$EPOCHREALTIME
@@ -301,6 +310,11 @@ for c in $CASES; do
                     bps=$(fio_ceiling_bps)
                     secs=$(python3 -c "print(f'{$SIZE_BYTES / $bps:.3f}')")
                 fi
+                # The same read-back as the copies' check below, so the
+                # next tool starts from the same state after every tool.
+                blockdev --flushbufs "$DST_LOOP"
+                drop_caches
+                cat -- "$src" "$DST_LOOP" >/dev/null
             elif [[ $status == OK ]]; then
                 # Compare what is on the destination device, not what a
                 # buffered writer left in the page cache: flush + drop first.
