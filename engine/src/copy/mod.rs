@@ -268,11 +268,18 @@ pub fn copy(
         destination_is_zero: destination_was_zero,
         sparse: opts.sparse,
     };
+    let workers = Workers::watched_here();
     let (source, destination, scanned) = std::thread::scope(|s| {
         let wc = counters.clone();
-        let writer = s.spawn(move || writer::run(destination, work_rx, pool_tx, writer_cfg, &wc));
+        let done = workers.token();
+        let writer = s.spawn(move || {
+            let _done = done;
+            writer::run(destination, work_rx, pool_tx, writer_cfg, &wc)
+        });
         let rc = counters.clone();
+        let done = workers.token();
         let reader = s.spawn(move || {
+            let _done = done;
             let mut pool =
                 reader::Pool::new(reader_cfg.pool_size, reader_cfg.block_size, Some(pool_rx));
             let mut source = source;
@@ -283,7 +290,7 @@ pub fn copy(
             (source, r)
         });
         watch(&counters, Phase::Copy, size, start, progress, || {
-            reader.is_finished() && writer.is_finished()
+            workers.all_done()
         });
         let (source, read_result) = reader.join().expect("reader thread panicked");
         let write_result = writer.join().expect("writer thread panicked");
@@ -435,6 +442,50 @@ fn reads_as_zero(dev: &mut dyn BlockDevice, size: u64) -> Result<bool, DeviceErr
 }
 
 /// Calls `progress` every 200 ms until `finished`, and once at the end.
+/// The workers a [`watch`] waits for. Each holds a [`DoneToken`]; the last
+/// one dropped wakes the watcher at once, so an operation does not end up
+/// to one polling interval late.
+pub(crate) struct Workers {
+    left: Arc<AtomicU64>,
+    watcher: std::thread::Thread,
+}
+
+/// Dropped when a worker ends, by returning, failing or panicking.
+pub(crate) struct DoneToken {
+    left: Arc<AtomicU64>,
+    watcher: std::thread::Thread,
+}
+
+impl Workers {
+    /// Workers watched by the calling thread.
+    pub(crate) fn watched_here() -> Self {
+        Self {
+            left: Arc::new(AtomicU64::new(0)),
+            watcher: std::thread::current(),
+        }
+    }
+
+    pub(crate) fn token(&self) -> DoneToken {
+        self.left.fetch_add(1, Ordering::AcqRel);
+        DoneToken {
+            left: self.left.clone(),
+            watcher: self.watcher.clone(),
+        }
+    }
+
+    pub(crate) fn all_done(&self) -> bool {
+        self.left.load(Ordering::Acquire) == 0
+    }
+}
+
+impl Drop for DoneToken {
+    fn drop(&mut self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.watcher.unpark();
+        }
+    }
+}
+
 pub(crate) fn watch(
     counters: &Counters,
     phase: Phase,
@@ -458,7 +509,8 @@ pub(crate) fn watch(
     };
     let mut last = Instant::now();
     while !finished() {
-        std::thread::sleep(Duration::from_millis(20));
+        // Woken early by the last DoneToken (see Workers).
+        std::thread::park_timeout(Duration::from_millis(20));
         if last.elapsed() >= Duration::from_millis(200) {
             progress(&snapshot());
             last = Instant::now();
@@ -599,8 +651,11 @@ fn read_back(
     cfg.counts_as_verify = true;
     let size = cfg.size;
     let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
+    let workers = Workers::watched_here();
     std::thread::scope(|s| {
+        let done = workers.token();
         let h = s.spawn(|| {
+            let _done = done;
             // Nothing is written: every buffer goes straight back to the pool.
             reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
                 Ok(match w {
@@ -610,7 +665,7 @@ fn read_back(
             })
         });
         watch(counters, Phase::Verify, size, start, progress, || {
-            h.is_finished()
+            workers.all_done()
         });
         h.join().expect("read-back thread panicked")
     })

@@ -107,15 +107,20 @@ impl Service {
             counters: &counters,
             pages: Vec::new(),
         };
+        let workers = copy::Workers::watched_here();
         let outcome = std::thread::scope(|s| {
-            let worker = s.spawn(|| fast.transfer(&request, &mut observer));
+            let done = workers.token();
+            let worker = s.spawn(|| {
+                let _done = done;
+                fast.transfer(&request, &mut observer)
+            });
             let mut recorder = self.progress_recorder(op);
             let mut report = |p: &Progress| {
                 progress(p);
                 recorder(p);
             };
             copy::watch(&counters, Phase::Copy, job.size, start, &mut report, || {
-                worker.is_finished()
+                workers.all_done()
             });
             worker.join().expect("fast path thread panicked")
         });
