@@ -279,6 +279,10 @@ fn iscsi_read_write_round_trip_and_libiscsi_cross_check() {
     assert_eq!(reap_all(&mut dev).pop().unwrap().result.unwrap(), 0);
     let ranges: Vec<(u64, usize)> = chunks.iter().map(|(o, d)| (*o, d.len())).collect();
     let back = read_all(&mut dev, &ranges);
+    // Reads of mixed sizes in flight together traded buffers (each takes
+    // the newest one that fits before its data arrives), and every one
+    // still came back with its own data.
+    assert!(dev.stats().warm_buffer_swaps > 0, "{:?}", dev.stats());
     for ((off, data), got) in chunks.iter().zip(&back) {
         assert!(got == data, "read back differs at {off}");
         assert!(
@@ -382,6 +386,10 @@ fn iscsi_crc32c_digests_and_large_segments() {
     );
     let ranges: Vec<(u64, usize)> = chunks.iter().map(|(o, d)| (*o, d.len())).collect();
     let back = read_all(&mut dev, &ranges);
+    // Reads of mixed sizes in flight together traded buffers (each takes
+    // the newest one that fits before its data arrives), and every one
+    // still came back with its own data.
+    assert!(dev.stats().warm_buffer_swaps > 0, "{:?}", dev.stats());
     for ((off, data), got) in chunks.iter().zip(&back) {
         assert!(got == data, "read back differs at {off}");
         assert!(&file_bytes(&file, *off, data.len()) == data);
@@ -633,6 +641,10 @@ fn iscsi_small_command_window_is_respected() {
     write_all(&mut dev, &chunks);
     let ranges: Vec<(u64, usize)> = chunks.iter().map(|(o, d)| (*o, d.len())).collect();
     let back = read_all(&mut dev, &ranges);
+    // Reads of mixed sizes in flight together traded buffers (each takes
+    // the newest one that fits before its data arrives), and every one
+    // still came back with its own data.
+    assert!(dev.stats().warm_buffer_swaps > 0, "{:?}", dev.stats());
     for ((off, data), got) in chunks.iter().zip(&back) {
         assert!(got == data, "read back differs at {off}");
         assert!(&file_bytes(&file, *off, data.len()) == data);

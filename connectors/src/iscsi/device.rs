@@ -61,6 +61,9 @@ pub struct IscsiStats {
     pub max_data_out_segment: u64,
     /// The target's declared MaxRecvDataSegmentLength.
     pub target_max_recv_data_segment_length: u64,
+    /// Reads that took a newer read's buffer before their data arrived
+    /// (the most recently handed-back buffer is likely still in cache).
+    pub warm_buffer_swaps: u64,
 }
 
 struct OpState {
@@ -287,6 +290,7 @@ impl IscsiDevice {
             nop_replies: g(&s.nop_replies),
             max_data_out_segment: g(&s.max_data_out_segment),
             target_max_recv_data_segment_length: g(&s.target_max_recv_data_segment_length),
+            warm_buffer_swaps: g(&s.warm_buffer_swaps),
         }
     }
 

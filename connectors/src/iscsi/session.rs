@@ -153,6 +153,7 @@ pub struct Stats {
     pub nop_replies: AtomicU64,
     pub max_data_out_segment: AtomicU64,
     pub target_max_recv_data_segment_length: AtomicU64,
+    pub warm_buffer_swaps: AtomicU64,
 }
 
 fn bump_max(a: &AtomicU64, v: u64) {
@@ -396,6 +397,53 @@ impl St {
         if sn_lt(self.exp_statsn, next) {
             self.exp_statsn = next;
         }
+    }
+
+    /// Before a read's first Data-In lands: hands it the buffer of the most
+    /// recently queued read that has not started, and gives that read its
+    /// buffer instead. The newest buffer is the one the caller handed back
+    /// last, most likely still in the CPU's cache, so the socket copy
+    /// writes to warm memory rather than to queue-depth x block-size of
+    /// cold buffers. Reads that have not started are interchangeable: each
+    /// completion returns the buffer that holds its data.
+    fn take_warm_buffer(&mut self, slot: usize) {
+        let (seq, need, cap) = match &self.slots[slot] {
+            Some(Task {
+                payload: Payload::In { buf, len },
+                seq,
+                ..
+            }) => (*seq, *len, buf.len()),
+            _ => return,
+        };
+        let mut newest: Option<(u64, usize)> = None;
+        for (i, t) in self.slots.iter().enumerate() {
+            let Some(t) = t else { continue };
+            if let Payload::In { buf, len } = &t.payload {
+                let unstarted = t.received == 0 && t.next_datasn == 0;
+                if unstarted
+                    && t.seq > seq
+                    && buf.len() >= need
+                    && cap >= *len
+                    && newest.is_none_or(|(s, _)| t.seq > s)
+                {
+                    newest = Some((t.seq, i));
+                }
+            }
+        }
+        let Some((_, other)) = newest else { return };
+        let mut o = self.slots[other].take().expect("live task");
+        if let (
+            Some(Task {
+                payload: Payload::In { buf: a, .. },
+                ..
+            }),
+            Payload::In { buf: b, .. },
+        ) = (self.slots[slot].as_mut(), &mut o.payload)
+        {
+            std::mem::swap(a, b);
+            self.stats.warm_buffer_swaps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.slots[other] = Some(o);
     }
 
     /// Puts a task back in the queue to be sent again from scratch.
@@ -972,6 +1020,12 @@ async fn reader_loop(
                 let mut s = st.borrow_mut();
                 match s.lookup(itt) {
                     Some(slot) => {
+                        if s.slots[slot]
+                            .as_ref()
+                            .is_some_and(|t| t.received == 0 && t.next_datasn == 0)
+                        {
+                            s.take_warm_buffer(slot);
+                        }
                         let t = s.slots[slot].as_mut().expect("live task");
                         let datasn = bhs.u32_at(OFF_DATASN);
                         if datasn != t.next_datasn {
