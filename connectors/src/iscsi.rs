@@ -80,7 +80,8 @@ pub struct IscsiOptions {
     /// Offered FirstBurstLength (the target may lower it).
     pub first_burst_length: u32,
     /// Split reads and writes into SCSI commands of at most this many bytes
-    /// (0: only the LUN's own maximum transfer length applies).
+    /// (0: the smaller of the LUN's maximum transfer length and the
+    /// negotiated MaxBurstLength applies; they always do).
     pub max_transfer_bytes: u32,
     /// Deallocating write-zeroes: use UNMAP even when WRITE SAME(16) with
     /// the UNMAP bit is available (only safe where the target unmaps

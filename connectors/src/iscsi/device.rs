@@ -252,7 +252,11 @@ impl IscsiDevice {
         self.size = self.info.blocks * cap.block_size as u64;
         self.zero_block = Arc::new(vec![0; cap.block_size as usize]);
         let bs = cap.block_size as u64;
-        let mut max = u32::MAX as u64 * bs;
+        // One command per burst: a read or write larger than the
+        // negotiated MaxBurstLength is split (as the kernel splits at
+        // max_sectors_kb). tgtd, for one, served 2 MiB reads at 1.7 times
+        // the CPU per GiB of 1 MiB ones with MaxBurstLength at 1 MiB.
+        let mut max = (u32::MAX as u64 * bs).min(self.negotiated.max_burst_length as u64);
         if limits.max_transfer_length > 0 {
             max = max.min(limits.max_transfer_length as u64 * bs);
         }
