@@ -62,9 +62,6 @@ read -ra VOLBACK_EXTRA <<<"${VOLBACK_ARGS:-}"
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-die() { echo "copy.sh: error: $*" >&2; exit 2; }
-log() { echo "== $*"; }
-
 [[ $EUID -eq 0 ]] || die "must run as root (losetup, drop_caches)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 
@@ -154,12 +151,7 @@ trap 'exit 143' TERM
 
 # Build after the traps are set, so an interrupted build still cleans up.
 if (( ! SKIP_VOLBACK )); then
-    if [[ -z ${VOLBACK:-} ]]; then
-        log "building volback (cargo build --release -p volback-engine)"
-        (cd "$REPO_ROOT" && cargo build --release -p volback-engine)
-        VOLBACK=$REPO_ROOT/target/release/volback
-    fi
-    [[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
+    ensure_volback
 fi
 
 # ---------------------------------------------------------------- sources ----

@@ -89,9 +89,6 @@ export VOLBACK_LOG=${VOLBACK_LOG:-warn}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MARKER=.volback-bench-incremental   # marks directories this script made
 
-die() { echo "incremental.sh: error: $*" >&2; exit 2; }
-log() { echo "== $*"; }
-
 [[ $EUID -eq 0 ]] || die "must run as root (losetup, mount, drop_caches)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 [[ $CHANGE_PCT =~ ^[1-9][0-9]?$ ]] || die "CHANGE_PCT must be an integer 1..99"
@@ -243,21 +240,11 @@ trap 'exit 143' TERM
 # Room: the random fill file, plus per case (run one at a time, removed
 # after it) the volume, a full backup volume, its two restore points (data
 # copies on ext4), the restored volume and some slack.
-AVAIL=$(df -B1 --output=avail "$BENCH_DIR" | tail -1 | tr -d ' ')
-NEED=$(( SIZE_BYTES * 7 + 1024 * MiB ))
-(( AVAIL >= NEED )) ||
-    die "need about $(numfmt --to=iec "$NEED") free in $BENCH_DIR, have $(numfmt --to=iec "$AVAIL")"
+need_room $(( SIZE_BYTES * 7 + 1024 * MiB ))
 
-# Build after the traps are set, so an interrupted build still cleans up.
-if [[ -z ${VOLBACK:-} ]]; then
-    log "building volback (cargo build --release -p volback-engine)"
-    (cd "$REPO_ROOT" && cargo build --release -p volback-engine)
-    VOLBACK=$REPO_ROOT/target/release/volback
-fi
-[[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
+ensure_volback
 
 now() { echo "$EPOCHREALTIME"; }
-elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
 # An XFS with reflinks on a loop device over a sparse file DIR/NAME.xfs.img,
 # mounted on DIR/NAME.
@@ -327,7 +314,7 @@ vb_json() {
         return 0
     fi
     echo "!! FAIL: volback $* exited non-zero:" >&2
-    sed 's/^/   | /' "$TOOL_LOG" >&2
+    show_tool_log
     return 1
 }
 
@@ -413,7 +400,7 @@ for c in $CASES; do
     log "case $c: setting up under $BENCH_DIR/$c"
     setup_case "$c"
     if ! vb volume create primary:gold --size "$SIZE_BYTES" --name bench >"$OUT_JSON" 2>"$TOOL_LOG"; then
-        sed 's/^/   | /' "$TOOL_LOG" >&2
+        show_tool_log
         die "volume create failed"
     fi
     VOL=$(tail -1 "$OUT_JSON")
@@ -431,7 +418,7 @@ for c in $CASES; do
         # from one fresh full backup, and the disk use stays bounded.
         for (( i = ${#prev_ids[@]} - 1; i >= 0; i-- )); do
             vb backup delete "${prev_ids[i]}" >"$TOOL_LOG" 2>&1 ||
-                { sed 's/^/   | /' "$TOOL_LOG" >&2; die "backup delete ${prev_ids[i]} failed"; }
+                die_log "backup delete ${prev_ids[i]} failed"
         done
         prev_ids=()
 
@@ -472,7 +459,7 @@ for c in $CASES; do
             echo "!! FAIL: $c run $run: the incremental was mode=$i_mode change_tracking=$i_track," \
                  "expected incremental with change_tracking=$c" >&2
             [[ $i_note == - ]] || echo "   note: $i_note" >&2
-            if [[ -s $TOOL_LOG ]]; then sed 's/^/   | /' "$TOOL_LOG" >&2; fi
+            if [[ -s $TOOL_LOG ]]; then show_tool_log; fi
             [[ $c == driver ]] && echo "   (is the file driver's FIEMAP change tracking in this build?" \
                 "VOLBACK_LOG=info shows why it was not used)" >&2
             case_failed=1
@@ -495,7 +482,7 @@ for c in $CASES; do
                 printf '%s\tcheck\tOK\n' "$c" >>"$RESULTS"
             else
                 echo "!! FAIL: $c: the restored volume differs from the source:" >&2
-                sed 's/^/   | /' "$TOOL_LOG" >&2
+                show_tool_log
                 case_failed=1
             fi
         else

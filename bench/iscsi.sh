@@ -154,9 +154,6 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TGT_SH=$REPO_ROOT/fixtures/tgt.sh
 ORIG_CMD="$(printf '%q ' "$0" "$@")"
 
-die() { echo "iscsi.sh: error: $*" >&2; exit 2; }
-log() { echo "== $*"; }
-
 [[ $EUID -eq 0 ]] || die "must run as root (losetup, drop_caches, tgtd)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 [[ $QD =~ ^[1-9][0-9]*$ ]] || die "QD must be a positive integer"
@@ -271,20 +268,9 @@ trap 'exit 130' INT    # `exit` runs the EXIT trap, i.e. cleanup
 trap 'exit 143' TERM
 
 # Room: two LUN files, the write source, the loop destination, slack.
-AVAIL=$(df -B1 --output=avail "$BENCH_DIR" | tail -1 | tr -d ' ')
-NEED=$(( SIZE_BYTES * 4 + 1024 * MiB ))
-(( AVAIL >= NEED )) ||
-    die "need about $(numfmt --to=iec "$NEED") free in $BENCH_DIR, have $(numfmt --to=iec "$AVAIL")"
+need_room $(( SIZE_BYTES * 4 + 1024 * MiB ))
 
-# Build after the traps are set, so an interrupted build still cleans up.
-if [[ -z ${VOLBACK:-} ]]; then
-    log "building volback (cargo build --release -p volback-engine)"
-    (cd "$REPO_ROOT" && cargo build --release -p volback-engine)
-    tdir=${CARGO_TARGET_DIR:-target}
-    [[ $tdir == /* ]] || tdir=$REPO_ROOT/$tdir
-    VOLBACK=$tdir/release/volback
-fi
-[[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
+ensure_volback
 
 warm_lun() { # the LUN's backing file into the page cache (WARM=1)
     (( WARM )) || return 0
@@ -321,7 +307,7 @@ TGT_STARTED=1
 # stop tgt.sh between launching tgtd and recording its PID (the script waits
 # for the start to finish, then its EXIT trap stops tgtd).
 out=$(setsid --wait bash "$TGT_SH" start "$TGT_DIR" $TGT_PORT </dev/null 2>"$TOOL_LOG") ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "could not start tgtd"; }
+    die_log "could not start tgtd"
 [[ $out =~ ^TGT_PORTAL=([^[:space:]]+)\ TGT_CONTROL=([0-9]+)$ ]] ||
     die "tgt.sh start printed '$out', not TGT_PORTAL=.. TGT_CONTROL=.."
 TGT_PORTAL=${BASH_REMATCH[1]} TGT_CTL=${BASH_REMATCH[2]}
@@ -330,7 +316,7 @@ tgtd_alive || die "tgtd (pid '$TGT_PID') is not running after tgt.sh start"
 log "tgtd up: pid $TGT_PID, portal $TGT_PORTAL, control port $TGT_CTL"
 
 tgtadm_() { timeout 10 tgtadm -C "$TGT_CTL" --lld iscsi "$@"; }
-tgtadm_ok() { tgtadm_ "$@" >"$TOOL_LOG" 2>&1 || { sed 's/^/   | /' "$TOOL_LOG" >&2; die "tgtadm $* failed"; }; }
+tgtadm_ok() { tgtadm_ "$@" >"$TOOL_LOG" 2>&1 || die_log "tgtadm $* failed"; }
 
 URL1=iscsi://$TGT_PORTAL/$IQN/1
 URL2=iscsi://$TGT_PORTAL/$IQN/2
@@ -360,11 +346,11 @@ LUN_BS=$(iscsi-readcapacity16 "$URL1" 2>"$TOOL_LOG" | sed -n 's/^LOGICAL BLOCK L
     true
 LUN_SIZE=$(iscsi-readcapacity16 -s "$URL1" 2>>"$TOOL_LOG") || true
 [[ $LUN_BS =~ ^[0-9]+$ && $LUN_SIZE == "$SIZE_BYTES" ]] ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "iscsi-readcapacity16 $URL1: block size '$LUN_BS', size '$LUN_SIZE' (want $SIZE_BYTES)"; }
+    die_log "iscsi-readcapacity16 $URL1: block size '$LUN_BS', size '$LUN_SIZE' (want $SIZE_BYTES)"
 (( BLOCK_BYTES % LUN_BS == 0 )) || die "BLOCK ($BLOCK_BYTES) is not a multiple of the LUN's block size $LUN_BS"
 IPERF_BLOCKS=$(( BLOCK_BYTES / LUN_BS ))
 qemu-img info "$URL1" >"$TOOL_LOG" 2>&1 ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "qemu-img cannot open $URL1 (qemu-block-extra's iscsi driver?)"; }
+    die_log "qemu-img cannot open $URL1 (qemu-block-extra's iscsi driver?)"
 
 # Fields of volback's last summary line in $OUT:
 # bytes_read elapsed_s checksum(or -)
@@ -379,7 +365,7 @@ EOF
 
 log "reference checksum of $LUN_FILE (volback read, local file)"
 "$VOLBACK" read "$LUN_FILE" --sparse never --progress json >"$OUT" 2>"$TOOL_LOG" ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "volback read $LUN_FILE failed"; }
+    die_log "volback read $LUN_FILE failed"
 read -r _ _ REF_SUM < <(summary_fields) || die "cannot parse volback read's summary"
 [[ $REF_SUM != - ]] || die "volback read printed no checksum"
 log "  $REF_SUM"
@@ -387,7 +373,7 @@ log "  $REF_SUM"
 log "warm-up: volback read $URL1 (must return the same checksum)"
 VOLBACK_LOG=info "$VOLBACK" read "$URL1" --block-size "$BLOCK_BYTES" --queue-depth "$QD" \
     --sparse never --progress json >"$OUT" 2>"$TOOL_LOG" ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "volback read $URL1 failed"; }
+    die_log "volback read $URL1 failed"
 read -r _ _ sum < <(summary_fields) || die "cannot parse volback read's summary"
 [[ $sum == "$REF_SUM" ]] || die "volback read $URL1 returned checksum $sum, the backing file has $REF_SUM"
 NEG=$(sed 's/\x1b\[[0-9;]*m//g' "$TOOL_LOG" | grep -o 'negotiated=Negotiated {[^}]*}' | tail -1 || true)
@@ -397,20 +383,8 @@ log "  checksum OK; volback ${NEG:-negotiated=? (not in its log)}"
 
 : >"$RESULTS"
 FAILED=0
-fail() { echo "!! FAIL: $*" >&2; FAILED=1; }
 
-# result CASE TOOL RUN SECS RATE_BPS CPU_S GIB TGT_CPU_S TGT_BYTES STATUS
-result() {
-    local IFS=$'\t'
-    echo "$*" >>"$RESULTS"
-}
-
-# Rotates "$@" left by $ROT positions; sets ORDER.
-rotate() {
-    local n=$# i a=("$@")
-    ORDER=()
-    for (( i = 0; i < n; i++ )); do ORDER+=("${a[(i + ROT) % n]}"); done
-}
+# Fields of result: CASE TOOL RUN SECS RATE_BPS CPU_S GIB TGT_CPU_S TGT_BYTES STATUS
 
 # tgtd's CPU ticks (utime+stime, all threads) and I/O byte counters.
 tgt_sample() {
@@ -446,7 +420,7 @@ measure() {
     TGT_BYTES=$(( r1 - r0 < w1 - w0 ? r1 - r0 : w1 - w0 ))
 }
 
-show_log() { sed 's/^/   | /' "$TOOL_LOG" >&2; [[ ! -s $OUT ]] || tail -5 "$OUT" | tr '\r' '\n' | tail -5 | sed 's/^/   | /' >&2; }
+show_log() { show_tool_log; [[ ! -s $OUT ]] || tail -5 "$OUT" | tr '\r' '\n' | tail -5 | sed 's/^/   | /' >&2; }
 
 # run_line CASE RUN TOOL SECS RATE CPU GIB STATUS
 run_line() {
@@ -514,23 +488,6 @@ read_run() { # read_run RUN TOOL
 # ------------------------------------------------------------- case copy -----
 
 DST_LOOP=
-drop_dst() { # detach the destination loop device and forget it
-    local keep=() d
-    [[ -n $DST_LOOP ]] || return 0
-    detach_retry "$DST_LOOP" || die "cannot detach $DST_LOOP"
-    for d in "${LOOPS[@]}"; do [[ $d == "$DST_LOOP" ]] || keep+=("$d"); done
-    LOOPS=("${keep[@]}")
-    DST_LOOP=
-}
-
-reset_dst() {
-    drop_dst
-    rm -f -- "$DST_FILE"
-    truncate -s "$SIZE_BYTES" "$DST_FILE"
-    attach "$DST_FILE"
-    DST_LOOP=$ATTACHED
-}
-
 copy_run() { # copy_run RUN TOOL
     local run=$1 tool=$2 status=OK rate=0
     reset_dst

@@ -103,9 +103,6 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CEPH_SH=$REPO_ROOT/fixtures/ceph.sh
 ORIG_CMD="$(printf '%q ' "$0" "$@")"
 
-die() { echo "rbd.sh: error: $*" >&2; exit 2; }
-log() { echo "== $*"; }
-
 [[ $EUID -eq 0 ]] || die "must run as root (losetup, drop_caches, Ceph daemons)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 [[ $CHANGE_PCT =~ ^[1-9][0-9]?$ ]] || die "CHANGE_PCT must be an integer 1..50"
@@ -239,22 +236,9 @@ trap 'exit 143' TERM
 # Room: the random file, the loop destination, the OSD's data (volume,
 # snapshots of the changes, up to 2 x verify settings + 1 full copies per
 # round, a restore), an export file, slack.
-AVAIL=$(df -B1 --output=avail "$BENCH_DIR" | tail -1 | tr -d ' ')
-NEED=$(( SIZE_BYTES * (2 + 2 * ${#VERIFY_SET[@]} + 1 + 4) + 2048 * MiB ))
-(( AVAIL >= NEED )) ||
-    die "need about $(numfmt --to=iec "$NEED") free in $BENCH_DIR, have $(numfmt --to=iec "$AVAIL")"
+need_room $(( SIZE_BYTES * (2 + 2 * ${#VERIFY_SET[@]} + 1 + 4) + 2048 * MiB ))
 
-# Build after the traps are set, so an interrupted build still cleans up.
-if [[ -z ${VOLBACK:-} ]]; then
-    log "building volback (cargo build --release -p volback-engine)"
-    (cd "$REPO_ROOT" && cargo build --release -p volback-engine)
-    tdir=${CARGO_TARGET_DIR:-target}
-    [[ $tdir == /* ]] || tdir=$REPO_ROOT/$tdir
-    VOLBACK=$tdir/release/volback
-fi
-[[ -x $VOLBACK ]] || die "volback binary not found or not executable: $VOLBACK"
-
-elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
+ensure_volback
 
 # ------------------------------------------------------------------ ceph -----
 
@@ -272,7 +256,7 @@ CEPH_STARTED=1
 out=$(CEPH_POOLS="volumes backups" CEPH_MON_PORT=$MON_PORT CEPH_MON_V2_PORT=$MON_V2_PORT \
       CEPH_AUTH=none CEPH_WITH_MGR=0 setsid --wait bash "$CEPH_SH" start "$CEPH_DIR" \
       </dev/null 2>"$TOOL_LOG") ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "could not start the Ceph cluster"; }
+    die_log "could not start the Ceph cluster"
 CONF=${out#CEPH_CONF=}
 [[ -f $CONF ]] || die "ceph.sh start printed '$out', not CEPH_CONF=<conf>"
 log "cluster up: $CONF"
@@ -300,7 +284,7 @@ backup:
   catalog: $CATALOG$copy_yaml
 EOF
     "$VOLBACK" --config "${CFG[$v]}" check-config >"$TOOL_LOG" 2>&1 ||
-        { sed 's/^/   | /' "$TOOL_LOG" >&2; die "check-config failed for ${CFG[$v]}"; }
+        die_log "check-config failed for ${CFG[$v]}"
 done
 CFG0=${CFG[${VERIFY_SET[0]}]}
 
@@ -315,7 +299,7 @@ vb_json() { # vb_json VERIFY ARGS...
         return 0
     fi
     echo "!! FAIL: volback $* exited non-zero:" >&2
-    sed 's/^/   | /' "$TOOL_LOG" >&2
+    show_tool_log
     return 1
 }
 
@@ -346,38 +330,26 @@ fi
 # ---------------------------------------------------------------- volume -----
 
 vb volume create ceph:volumes --size "$SIZE_BYTES" --name bench >"$OUT_JSON" 2>"$TOOL_LOG" ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "volume create failed"; }
+    die_log "volume create failed"
 VOL=$(tail -1 "$OUT_JSON")           # ceph:volumes/<id>
 VOL_ID=${VOL##*/}
 IMG=volumes/volume-$VOL_ID
 rbd_ info "$IMG" >/dev/null 2>&1 || die "volume create printed '$VOL' but $IMG does not exist"
 log "volume $VOL (RBD image $IMG); filling it with random data"
 timeout --foreground 900 "$VOLBACK" copy --progress none "$RAND_FILE" "rbd:$IMG:conf=$CONF" >"$TOOL_LOG" 2>&1 ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "filling $IMG failed"; }
+    die_log "filling $IMG failed"
 rbd_ snap create "$IMG@bench-src" >"$TOOL_LOG" 2>&1 ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "rbd snap create $IMG@bench-src failed"; }
+    die_log "rbd snap create $IMG@bench-src failed"
 rbd_ export --no-progress "$IMG@bench-src" - 2>"$TOOL_LOG" | cmp -n "$SIZE_BYTES" - "$RAND_FILE" >>"$TOOL_LOG" 2>&1 ||
-    { sed 's/^/   | /' "$TOOL_LOG" >&2; die "$IMG@bench-src does not hold the random fill"; }
+    die_log "$IMG@bench-src does not hold the random fill"
 log "source snapshot $IMG@bench-src holds the random fill (rbd export | cmp)"
 
 # ----------------------------------------------------------------- runs ------
 
 : >"$RESULTS"
 FAILED=0
-fail() { echo "!! FAIL: $*" >&2; FAILED=1; }
 
-# result CASE TOOL VERIFY RUN SECS BYTES_READ STATUS [CHANGED PIECES MAPBLOCK]
-result() {
-    local IFS=$'\t'
-    echo "$*" >>"$RESULTS"
-}
-
-# Rotates "$@" left by $ROT positions; sets ORDER.
-rotate() {
-    local n=$# i a=("$@")
-    ORDER=()
-    for (( i = 0; i < n; i++ )); do ORDER+=("${a[(i + ROT) % n]}"); done
-}
+# Fields of result: CASE TOOL VERIFY RUN SECS BYTES_READ STATUS [CHANGED PIECES MAPBLOCK]
 
 log "SIZE=$SIZE ($SIZE_BYTES bytes) RUNS=$RUNS CASES='$CASES' backup.copy.verify: ${VERIFY_SET[*]}" \
     "(on = engine default)"
@@ -387,24 +359,7 @@ log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (others' work skews
 
 # ------------------------------------------------ case copy: rbd -> loop -----
 
-drop_dst() { # detach the destination loop device and forget it
-    local keep=() d
-    [[ -n $DST_LOOP ]] || return 0
-    detach_retry "$DST_LOOP" || die "cannot detach $DST_LOOP"
-    for d in "${LOOPS[@]}"; do [[ $d == "$DST_LOOP" ]] || keep+=("$d"); done
-    LOOPS=("${keep[@]}")
-    DST_LOOP=
-}
-
 DST_LOOP=
-reset_dst() {
-    drop_dst
-    rm -f -- "$DST_FILE"
-    truncate -s "$SIZE_BYTES" "$DST_FILE"
-    attach "$DST_FILE"
-    DST_LOOP=$ATTACHED
-}
-
 if (( DO_COPY )); then
     echo
     log "case copy: rbd:$IMG@bench-src -> loop device over a sparse file (direct I/O)"
@@ -430,7 +385,7 @@ if (( DO_COPY )); then
             secs=$(elapsed "$t0" "$t1")
             if [[ $status == FAIL ]]; then
                 fail "copy run $run: $tool exited non-zero:"
-                sed 's/^/   | /' "$TOOL_LOG" >&2
+                show_tool_log
             else
                 if [[ $tool == volback ]]; then
                     read_b=$(python3 -c '
@@ -443,7 +398,7 @@ print([e for e in s if e.get("event") == "summary"][-1]["bytes_read"])' "$OUT_JS
                 if ! cmp -n "$SIZE_BYTES" "$RAND_FILE" "$DST_LOOP" >"$TOOL_LOG" 2>&1; then
                     status=FAIL
                     fail "copy run $run: $DST_LOOP differs from the source after $tool:"
-                    sed 's/^/   | /' "$TOOL_LOG" >&2
+                    show_tool_log
                 fi
             fi
             printf '   copy  run %d/%d  %-19s %8.3f s  read %12s  %s\n' \
@@ -508,15 +463,15 @@ clear_round() {
     local i
     for (( i = ${#ROUND_BACKUPS[@]} - 1; i >= 0; i-- )); do
         vb backup delete "${ROUND_BACKUPS[i]}" >"$TOOL_LOG" 2>&1 ||
-            { sed 's/^/   | /' "$TOOL_LOG" >&2; die "backup delete ${ROUND_BACKUPS[i]} failed"; }
+            die_log "backup delete ${ROUND_BACKUPS[i]} failed"
     done
     for i in "${ROUND_PEER_IMAGES[@]}"; do
         rbd_ snap purge "$i" >"$TOOL_LOG" 2>&1 && rbd_ rm "$i" >>"$TOOL_LOG" 2>&1 ||
-            { sed 's/^/   | /' "$TOOL_LOG" >&2; die "removing peer image $i failed"; }
+            die_log "removing peer image $i failed"
     done
     for i in "${ROUND_PEER_SNAPS[@]}"; do
         rbd_ snap rm "$i" >"$TOOL_LOG" 2>&1 ||
-            { sed 's/^/   | /' "$TOOL_LOG" >&2; die "rbd snap rm $i failed"; }
+            die_log "rbd snap rm $i failed"
     done
     ROUND_BACKUPS=() ROUND_PEER_IMAGES=() ROUND_PEER_SNAPS=()
 }
@@ -564,7 +519,7 @@ peer_run() { # peer_run CASE RUN COMMAND
     secs=$(elapsed "$t0" "$t1")
     if [[ $status == FAIL ]]; then
         fail "$case run $run: peer failed: $cmd"
-        sed 's/^/   | /' "$TOOL_LOG" >&2
+        show_tool_log
     fi
     printf '   %-4s  run %d/%d  %-19s %8.3f s  %s\n' "$case" "$run" "$RUNS" "peer" "$secs" "$status"
     result "$case" peer - "$run" "$secs" - "$status" "${CHANGED:-0}" "${PIECES:-0}" -
@@ -653,7 +608,7 @@ same_images() { # same_images WHAT SPEC_EXPECTED SPEC_ACTUAL
         return 0
     fi
     fail "$1: $3 differs from $2 (or an export failed):"
-    sed 's/^/   | /' "$TOOL_LOG" >&2
+    show_tool_log
     rm -f -- "$EXPORT_FILE"
     return 1
 }
