@@ -135,7 +135,8 @@ fn reap_all(dev: &mut IscsiDevice) -> Vec<Completion> {
     out
 }
 
-fn write_all(dev: &mut IscsiDevice, chunks: &[(u64, Vec<u8>)]) {
+/// Submits a write of every chunk, tagged by its index.
+fn submit_writes(dev: &mut IscsiDevice, chunks: &[(u64, Vec<u8>)]) {
     for (i, (off, data)) in chunks.iter().enumerate() {
         dev.submit(
             i as u64,
@@ -148,13 +149,10 @@ fn write_all(dev: &mut IscsiDevice, chunks: &[(u64, Vec<u8>)]) {
         )
         .unwrap();
     }
-    for c in reap_all(dev) {
-        assert_eq!(c.result.unwrap(), chunks[c.tag as usize].1.len() as u64);
-        assert!(matches!(c.buf, Returned::Write(_)));
-    }
 }
 
-fn read_all(dev: &mut IscsiDevice, ranges: &[(u64, usize)]) -> Vec<Vec<u8>> {
+/// Submits a read of every range into a new buffer, tagged by its index.
+fn submit_reads(dev: &mut IscsiDevice, ranges: &[(u64, usize)]) {
     for (i, (off, len)) in ranges.iter().enumerate() {
         dev.submit(
             i as u64,
@@ -166,6 +164,18 @@ fn read_all(dev: &mut IscsiDevice, ranges: &[(u64, usize)]) -> Vec<Vec<u8>> {
         )
         .unwrap();
     }
+}
+
+fn write_all(dev: &mut IscsiDevice, chunks: &[(u64, Vec<u8>)]) {
+    submit_writes(dev, chunks);
+    for c in reap_all(dev) {
+        assert_eq!(c.result.unwrap(), chunks[c.tag as usize].1.len() as u64);
+        assert!(matches!(c.buf, Returned::Write(_)));
+    }
+}
+
+fn read_all(dev: &mut IscsiDevice, ranges: &[(u64, usize)]) -> Vec<Vec<u8>> {
+    submit_reads(dev, ranges);
     let mut res = vec![Vec::new(); ranges.len()];
     for c in reap_all(dev) {
         let len = ranges[c.tag as usize].1;
@@ -520,18 +530,7 @@ fn iscsi_connection_dropped_mid_transfer_is_invisible() {
             )
         })
         .collect();
-    for (i, (off, data)) in chunks.iter().enumerate() {
-        dev.submit(
-            i as u64,
-            IoOp::Write {
-                offset: *off,
-                buf: aligned(data),
-                start: 0,
-                len: data.len(),
-            },
-        )
-        .unwrap();
-    }
+    submit_writes(&mut dev, &chunks);
     // Cut the connection while those writes are in flight.
     let conns = tgt.connections(1);
     assert_eq!(conns.len(), 1, "{conns:?}");
@@ -544,17 +543,7 @@ fn iscsi_connection_dropped_mid_transfer_is_invisible() {
     }
     // And during reads.
     let ranges: Vec<(u64, usize)> = chunks.iter().map(|(o, d)| (*o, d.len())).collect();
-    for (i, (off, len)) in ranges.iter().enumerate() {
-        dev.submit(
-            i as u64,
-            IoOp::Read {
-                offset: *off,
-                len: *len,
-                buf: AlignedBuf::new(*len),
-            },
-        )
-        .unwrap();
-    }
+    submit_reads(&mut dev, &ranges);
     std::thread::sleep(Duration::from_millis(20));
     for (sid, cid) in tgt.connections(1) {
         let _ = tgt.try_adm(&[
