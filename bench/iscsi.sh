@@ -488,56 +488,49 @@ read_run() { # read_run RUN TOOL
 # ------------------------------------------------------------- case copy -----
 
 DST_LOOP=
-copy_run() { # copy_run RUN TOOL
-    local run=$1 tool=$2 status=OK rate=0
-    reset_dst
-    drop_caches
-    warm_lun
+# transfer_run CASE RUN TOOL FROM TO EXPECTED ACTUAL: volback copy or qemu-img
+# convert FROM -> TO, then ACTUAL compared with EXPECTED (a block device after
+# flushing it, over SIZE bytes; a file whole).
+transfer_run() {
+    local case=$1 run=$2 tool=$3 from=$4 to=$5 expected=$6 actual=$7 status=OK rate=0 gib n=()
     if [[ $tool == volback ]]; then
-        measure "$VOLBACK" copy "${VOLBACK_COPY_EXTRA[@]}" --progress json "$URL1" "$DST_LOOP"
+        measure "$VOLBACK" copy "${VOLBACK_COPY_EXTRA[@]}" --progress json "$from" "$to"
     else
-        measure qemu-img convert "${QEMU_ARGS[@]}" "$URL1" "$DST_LOOP"
+        measure qemu-img convert "${QEMU_ARGS[@]}" "$from" "$to"
     fi
     if (( RC )); then
-        status=FAIL; fail "copy run $run: $tool exited with status $RC:"; show_log
+        status=FAIL; fail "$case run $run: $tool exited with status $RC:"; show_log
     else
-        blockdev --flushbufs "$DST_LOOP"
+        if [[ -b $actual ]]; then
+            blockdev --flushbufs "$actual"
+            n=(-n "$SIZE_BYTES")
+        fi
         drop_caches
-        if ! cmp -n "$SIZE_BYTES" "$LUN_FILE" "$DST_LOOP" >"$TOOL_LOG" 2>&1; then
-            status=FAIL; fail "copy run $run: $DST_LOOP differs from $LUN_FILE after $tool:"; show_log
+        if ! cmp "${n[@]}" "$expected" "$actual" >"$TOOL_LOG" 2>&1; then
+            status=FAIL; fail "$case run $run: $actual differs from $expected after $tool:"; show_log
         fi
     fi
     [[ $status == OK ]] && rate=$(python3 -c "print($SIZE_BYTES / $WALL)")
-    run_line copy "$run" "$tool" "$WALL" "$rate" "$CPU" "$(python3 -c "print($SIZE_BYTES / 2**30)")" "$status"
-    result copy "$tool" "$run" "$WALL" "$rate" "$CPU" "$(python3 -c "print($SIZE_BYTES / 2**30)")" \
-        "$TGT_CPU" "$TGT_BYTES" "$status"
+    gib=$(python3 -c "print($SIZE_BYTES / 2**30)")
+    run_line "$case" "$run" "$tool" "$WALL" "$rate" "$CPU" "$gib" "$status"
+    result "$case" "$tool" "$run" "$WALL" "$rate" "$CPU" "$gib" "$TGT_CPU" "$TGT_BYTES" "$status"
+}
+
+copy_run() { # copy_run RUN TOOL
+    reset_dst
+    drop_caches
+    warm_lun
+    transfer_run copy "$1" "$2" "$URL1" "$DST_LOOP" "$LUN_FILE" "$DST_LOOP"
 }
 
 # ------------------------------------------------------------ case write -----
 
 write_run() { # write_run RUN TOOL
-    local run=$1 tool=$2 status=OK rate=0
     # Empty LUN 2 (same inode, tgtd keeps its descriptor): no session is open.
     truncate -s 0 "$LUN2_FILE"
     truncate -s "$SIZE_BYTES" "$LUN2_FILE"
     drop_caches
-    if [[ $tool == volback ]]; then
-        measure "$VOLBACK" copy "${VOLBACK_COPY_EXTRA[@]}" --progress json "$SRC_FILE" "$URL2"
-    else
-        measure qemu-img convert "${QEMU_ARGS[@]}" "$SRC_FILE" "$URL2"
-    fi
-    if (( RC )); then
-        status=FAIL; fail "write run $run: $tool exited with status $RC:"; show_log
-    else
-        drop_caches
-        if ! cmp "$SRC_FILE" "$LUN2_FILE" >"$TOOL_LOG" 2>&1; then
-            status=FAIL; fail "write run $run: $LUN2_FILE differs from $SRC_FILE after $tool:"; show_log
-        fi
-    fi
-    [[ $status == OK ]] && rate=$(python3 -c "print($SIZE_BYTES / $WALL)")
-    run_line write "$run" "$tool" "$WALL" "$rate" "$CPU" "$(python3 -c "print($SIZE_BYTES / 2**30)")" "$status"
-    result write "$tool" "$run" "$WALL" "$rate" "$CPU" "$(python3 -c "print($SIZE_BYTES / 2**30)")" \
-        "$TGT_CPU" "$TGT_BYTES" "$status"
+    transfer_run write "$1" "$2" "$SRC_FILE" "$URL2" "$SRC_FILE" "$LUN2_FILE"
 }
 
 # ---------------------------------------------------------------- rounds -----
