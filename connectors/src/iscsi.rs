@@ -42,6 +42,7 @@ mod device;
 mod error;
 mod login;
 mod pdu;
+mod runner;
 mod scsi;
 mod session;
 pub mod spec;

@@ -3,14 +3,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
 use super::error::IscsiError;
 use super::login::random_isid;
+use super::runner::Runner;
 use super::scsi::{self, BlockLimits, Capacity, Cdb, Provisioning};
 use super::session::{self, DataRef, Msg, Payload, RawBuf, Request, Response, Stats};
 use super::spec::IscsiSpec;
@@ -85,8 +85,9 @@ pub struct IscsiDevice {
     writable: bool,
     depth: usize,
     tx: UnboundedSender<Msg>,
-    rx: mpsc::Receiver<Response>,
-    thread: Option<JoinHandle<()>>,
+    rx: UnboundedReceiver<Response>,
+    runner: Runner,
+    task: Option<tokio::task::JoinHandle<()>>,
     ops: HashMap<u64, OpState>,
     next_id: u64,
     ready: VecDeque<Completion>,
@@ -120,31 +121,25 @@ impl IscsiDevice {
         let name = spec.name();
         let open_err = |e: IscsiError| e.into_device_error(ErrorKind::Open, &name);
         let (tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (done_tx, done_rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let cfg = session::Config {
             spec: spec.clone(),
             options: options.clone(),
             isid: random_isid(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| open_err(e.into()))?;
-        let st = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("iscsi-lun{}", spec.lun))
-            .spawn(move || rt.block_on(session::run(cfg, cmd_rx, done_tx, st, ready_tx)))
-            .map_err(|e| open_err(e.into()))?;
-        let negotiated = match ready_rx.recv() {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                let _ = thread.join();
+        let runner =
+            Runner::new(format!("iscsi-lun{}", spec.lun)).map_err(|e| open_err(e.into()))?;
+        let task = session::start(&runner, cfg, cmd_rx, done_tx, stats.clone(), ready_tx);
+        let negotiated = match runner.block_on(ready_rx.recv()) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                let _ = runner.block_on(task);
                 return Err(open_err(e));
             }
-            Err(_) => {
-                let _ = thread.join();
+            None => {
+                let _ = runner.block_on(task);
                 return Err(open_err(IscsiError::Closed));
             }
         };
@@ -164,7 +159,8 @@ impl IscsiDevice {
             depth: queue_depth.clamp(1, 4096),
             tx,
             rx: done_rx,
-            thread: Some(thread),
+            runner,
+            task: Some(task),
             ops: HashMap::new(),
             next_id: 0,
             ready: VecDeque::new(),
@@ -311,7 +307,10 @@ impl IscsiDevice {
         let id = INTERNAL | self.next_id;
         self.send(id, cdb, payload)?;
         loop {
-            let r = self.rx.recv().map_err(|_| IscsiError::Closed)?;
+            let r = self
+                .runner
+                .block_on(self.rx.recv())
+                .ok_or(IscsiError::Closed)?;
             if r.id == id {
                 return r.result.map(|n| (n, r.payload));
             }
@@ -647,9 +646,9 @@ impl BlockDevice for IscsiDevice {
                     Err(_) => return Ok(()),
                 }
             }
-            match self.rx.recv() {
-                Ok(r) => self.on_response(r),
-                Err(_) => self.fail_everything(),
+            match self.runner.block_on(self.rx.recv()) {
+                Some(r) => self.on_response(r),
+                None => self.fail_everything(),
             }
         }
     }
@@ -754,8 +753,8 @@ impl Drop for IscsiDevice {
             }
         }
         let _ = self.tx.send(Msg::Close);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.task.take() {
+            let _ = self.runner.block_on(t);
         }
     }
 }

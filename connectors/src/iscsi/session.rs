@@ -19,20 +19,20 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::error::IscsiError;
 use super::login::{self, LoginParams, LoginResult};
 use super::pdu::*;
+use super::runner::{AssertSend, Runner};
 use super::scsi::{self, Cdb, Sense};
 use super::spec::IscsiSpec;
 use super::text::{Negotiated, Offer};
@@ -316,7 +316,7 @@ struct St {
     outstanding: u64,
     options: IscsiOptions,
     stats: Arc<Stats>,
-    done: mpsc::Sender<Response>,
+    done: UnboundedSender<Response>,
 }
 
 impl St {
@@ -1076,12 +1076,18 @@ async fn reader_loop(
             };
             let flags = bhs.flags();
             if flags & 0x01 != 0 {
-                let mut s = st.borrow_mut();
-                s.statsn(bhs.u32_at(OFF_SN));
-                if let Some(slot) = slot {
-                    s.finish(slot, 0, bhs.byte(3), flags, bhs.u32_at(OFF_RESIDUAL), &[]);
-                    notify.notify_one();
+                {
+                    let mut s = st.borrow_mut();
+                    s.statsn(bhs.u32_at(OFF_SN));
+                    if let Some(slot) = slot {
+                        s.finish(slot, 0, bhs.byte(3), flags, bhs.u32_at(OFF_RESIDUAL), &[]);
+                        notify.notify_one();
+                    }
                 }
+                // A read is done: let the caller (waiting in `reap`) take it
+                // and hand its buffer back before the next read's data comes
+                // in, so that data lands in a buffer still in cache.
+                tokio::task::yield_now().await;
             }
             continue;
         }
@@ -1346,20 +1352,42 @@ async fn run_connection(
     };
     notify.notify_one();
     tokio::select! {
+        biased;
+        r = intake_loop(st, rx, &notify) => r,
         r = reader_loop(st, &mut rd, &notify, hd, dd) => r,
         r = writer_loop(st, w, &notify) => r,
         r = timer_loop(st, &notify) => r,
-        r = intake_loop(st, rx, &notify) => r,
     }
 }
 
-/// The session thread's body. Reports the first login's outcome on `ready`.
-pub async fn run(
+/// Starts the session's task on `runner`: it logs in, reports the outcome
+/// on `ready`, then serves requests from `rx` until a `Msg::Close`.
+pub fn start(
+    runner: &Runner,
+    cfg: Config,
+    rx: UnboundedReceiver<Msg>,
+    done: UnboundedSender<Response>,
+    stats: Arc<Stats>,
+    ready: UnboundedSender<Result<Negotiated, IscsiError>>,
+) -> tokio::task::JoinHandle<()> {
+    // SAFETY: `run`'s future is not `Send` only because its four loops share
+    // the session state through `&RefCell<St>` (with short `RefMut`s, never
+    // held across an await). The `RefCell` is created inside the future and
+    // never leaves it, so it is only touched inside polls of this one
+    // future, and a future is polled by one thread at a time: moving it
+    // between threads between polls cannot race. It holds no thread-locals
+    // or lock guards across awaits; the compiler's list of its non-`Send`
+    // parts names only the `RefCell`, its `RefMut` and its borrow flag.
+    runner.spawn(unsafe { AssertSend::new(run(cfg, rx, done, stats, ready)) })
+}
+
+/// The session's task. Reports the first login's outcome on `ready`.
+async fn run(
     cfg: Config,
     mut rx: UnboundedReceiver<Msg>,
-    done: mpsc::Sender<Response>,
+    done: UnboundedSender<Response>,
     stats: Arc<Stats>,
-    ready: mpsc::Sender<Result<Negotiated, IscsiError>>,
+    ready: UnboundedSender<Result<Negotiated, IscsiError>>,
 ) {
     let name = cfg.spec.name();
     let mut misc_itt = 0x8000_0000u32;
