@@ -109,6 +109,34 @@ pub fn is_zero(buf: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Where reads whose data nobody wants land ([`crate::IoOp::ReadDiscard`]):
+/// one buffer that all of them share, grown to the largest such read. A
+/// buffer it outgrows is kept until no read can still be writing to it.
+#[derive(Debug, Default)]
+pub struct DiscardTarget {
+    current: Option<AlignedBuf>,
+    retired: Vec<AlignedBuf>,
+}
+
+impl DiscardTarget {
+    /// Memory for a discarded read of `len` bytes. It stays valid until
+    /// [`DiscardTarget::idle`] is called with no read in flight.
+    pub fn ptr(&mut self, len: usize) -> *mut u8 {
+        if self.current.as_ref().is_none_or(|b| b.len() < len) {
+            let grown = AlignedBuf::new(len);
+            if let Some(old) = self.current.replace(grown) {
+                self.retired.push(old);
+            }
+        }
+        self.current.as_mut().expect("just made").as_mut_ptr()
+    }
+
+    /// No discarded read is in flight: buffers outgrown may go.
+    pub fn idle(&mut self) {
+        self.retired.clear();
+    }
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.mapped {

@@ -22,6 +22,14 @@ pub enum IoOp {
         len: usize,
         buf: AlignedBuf,
     },
+    /// Read `len` bytes at `offset` and drop them: for scans that only need
+    /// to know the data can be read (a health check without a checksum).
+    /// The device reads them as for `Read`, so errors and short reads show,
+    /// into memory of its own that every such read shares, as `dd` and
+    /// libiscsi's `iscsi-perf` do: no buffer per request, and the memory
+    /// the data lands in stays in cache. Only for devices whose
+    /// [`BlockDevice::discards_reads`] is true.
+    ReadDiscard { offset: u64, len: usize },
     /// Write `buf[start..start + len]` at `offset`. The buffer is shared so
     /// one read buffer can feed several writes (data runs around zero runs).
     Write {
@@ -122,6 +130,10 @@ pub trait BlockDevice: Send {
     /// Whether `IoOp::WriteZeroes` is worth trying (it may still fail with
     /// `ErrorKind::Unsupported` for a mode, and the caller then writes zeroes).
     fn supports_write_zeroes(&self) -> bool {
+        false
+    }
+    /// Whether `IoOp::ReadDiscard` is supported.
+    fn discards_reads(&self) -> bool {
         false
     }
     /// The allocation-map capability, if this device has one.

@@ -20,7 +20,7 @@ use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
 
 use crate::device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};
-use crate::{DeviceError, ErrorKind, BUFFER_ALIGN};
+use crate::{DeviceError, DiscardTarget, ErrorKind, BUFFER_ALIGN};
 
 /// Whether to open with O_DIRECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,6 +73,8 @@ pub struct LocalDevice {
     /// Completions decided without the kernel (nothing yet, kept for symmetry
     /// with network connectors that fail requests at submit time).
     ready: Vec<Completion>,
+    /// Where `IoOp::ReadDiscard` data lands.
+    discard: DiscardTarget,
 }
 
 #[derive(Debug)]
@@ -187,6 +189,7 @@ impl LocalDevice {
             free_slots: (0..depth).rev().collect(),
             in_flight: 0,
             ready: Vec::new(),
+            discard: DiscardTarget::default(),
         })
     }
 
@@ -210,6 +213,21 @@ impl LocalDevice {
                 // SAFETY: done < len <= buf.len(); the buffer lives in the slab
                 // until the completion arrives.
                 let ptr = unsafe { buf.as_mut_ptr().add(done as usize) };
+                let fd = if is_aligned(self.direct, self.direct_align, off, n, ptr) {
+                    self.direct_fd.as_raw_fd()
+                } else {
+                    self.buffered_fd.as_raw_fd()
+                };
+                opcode::Read::new(types::Fd(fd), ptr, n as u32)
+                    .offset(off)
+                    .build()
+            }
+            IoOp::ReadDiscard { offset, len } => {
+                let off = *offset + done;
+                let n = *len as u64 - done;
+                // Every discarded read lands at the start of the shared
+                // buffer, which outlives every read in flight.
+                let ptr = self.discard.ptr(n as usize);
                 let fd = if is_aligned(self.direct, self.direct_align, off, n, ptr) {
                     self.direct_fd.as_raw_fd()
                 } else {
@@ -291,7 +309,9 @@ impl LocalDevice {
             return Ok(None);
         }
         let (kind, offset, len) = match &entry.op {
-            IoOp::Read { offset, len, .. } => (ErrorKind::Read, *offset, *len as u64),
+            IoOp::Read { offset, len, .. } | IoOp::ReadDiscard { offset, len } => {
+                (ErrorKind::Read, *offset, *len as u64)
+            }
             IoOp::Write { offset, len, .. } => (ErrorKind::Write, *offset, *len as u64),
             IoOp::WriteZeroes { offset, len, .. } => (ErrorKind::WriteZeroes, *offset, *len),
             IoOp::Flush => (ErrorKind::Flush, 0, 0),
@@ -306,14 +326,14 @@ impl LocalDevice {
         } else {
             let n = res as u64;
             match &entry.op {
-                IoOp::Read { .. } if n == 0 => Ok(entry.done),
-                IoOp::Read { .. } | IoOp::Write { .. } if n == 0 => Err(DeviceError::new(
+                IoOp::Read { .. } | IoOp::ReadDiscard { .. } if n == 0 => Ok(entry.done),
+                IoOp::Write { .. } if n == 0 => Err(DeviceError::new(
                     kind,
                     self.name.clone(),
                     io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes"),
                 )
                 .at(offset + entry.done, len - entry.done)),
-                IoOp::Read { .. } | IoOp::Write { .. } => {
+                IoOp::Read { .. } | IoOp::ReadDiscard { .. } | IoOp::Write { .. } => {
                     entry.done += n;
                     if entry.done < len {
                         self.push(slot)?;
@@ -328,6 +348,9 @@ impl LocalDevice {
         let entry = self.slab[slot].take().expect("slot in use");
         self.free_slots.push(slot);
         self.in_flight -= 1;
+        if self.in_flight == 0 {
+            self.discard.idle();
+        }
         let buf = match entry.op {
             IoOp::Read { buf, .. } => Returned::Read(buf),
             IoOp::Write { buf, .. } => Returned::Write(buf),
@@ -389,6 +412,7 @@ impl BlockDevice for LocalDevice {
                 }
                 (*offset, *len as u64)
             }
+            IoOp::ReadDiscard { offset, len } => (*offset, *len as u64),
             IoOp::Write {
                 offset,
                 buf,
@@ -446,6 +470,10 @@ impl BlockDevice for LocalDevice {
         true
     }
 
+    fn discards_reads(&self) -> bool {
+        true
+    }
+
     fn allocation_map(&mut self) -> Option<&mut dyn AllocationMap> {
         self.map.as_mut().map(|m| m as &mut dyn AllocationMap)
     }
@@ -467,6 +495,7 @@ impl Drop for LocalDevice {
                 for entry in self.slab.drain(..) {
                     std::mem::forget(entry);
                 }
+                std::mem::forget(std::mem::take(&mut self.discard));
                 return;
             }
             let slots: Vec<usize> = self

@@ -26,7 +26,7 @@ pub use ffi::{
 pub use spec::{RbdSpec, SpecError};
 
 use crate::device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};
-use crate::{DeviceError, ErrorKind};
+use crate::{DeviceError, DiscardTarget, ErrorKind};
 
 /// An RBD image (or snapshot) attached as a block device.
 pub struct RbdDevice {
@@ -42,6 +42,8 @@ pub struct RbdDevice {
     done: Arc<DoneQueue>,
     /// One callback argument per slot, at a fixed heap address for librbd.
     args: Box<[SlotArg]>,
+    /// Where `IoOp::ReadDiscard` data lands.
+    discard: DiscardTarget,
 }
 
 // SAFETY: the raw completions in the slab are owned by the device and only
@@ -127,6 +129,7 @@ impl RbdDevice {
             done,
             args,
             name,
+            discard: DiscardTarget::default(),
         })
     }
 
@@ -151,10 +154,15 @@ impl RbdDevice {
         entry.comp = comp;
         // SAFETY: buffers are owned by the slab entry and stay put until the
         // completion is reaped; lengths were checked against them in submit.
+        // Discarded reads share `discard`, kept until none is in flight.
         let r = unsafe {
             match &mut entry.op {
                 IoOp::Read { offset, len, buf } => {
                     (api.rbd.rbd_aio_read)(h, *offset, *len, buf.as_mut_ptr().cast(), comp)
+                }
+                IoOp::ReadDiscard { offset, len } => {
+                    let ptr = self.discard.ptr(*len);
+                    (api.rbd.rbd_aio_read)(h, *offset, *len, ptr.cast(), comp)
                 }
                 IoOp::Write {
                     offset,
@@ -191,6 +199,9 @@ impl RbdDevice {
         let entry = self.slab[slot].take().expect("completion for a free slot");
         self.free_slots.push(slot);
         self.in_flight -= 1;
+        if self.in_flight == 0 {
+            self.discard.idle();
+        }
         let api = self.image.api();
         // SAFETY: the callback has run, so the value is final; we own the
         // completion and release it exactly once.
@@ -237,7 +248,9 @@ impl RbdDevice {
 /// Kind, offset and length of a request, for its errors.
 fn describe(op: &IoOp) -> (ErrorKind, u64, u64) {
     match op {
-        IoOp::Read { offset, len, .. } => (ErrorKind::Read, *offset, *len as u64),
+        IoOp::Read { offset, len, .. } | IoOp::ReadDiscard { offset, len } => {
+            (ErrorKind::Read, *offset, *len as u64)
+        }
         IoOp::Write { offset, len, .. } => (ErrorKind::Write, *offset, *len as u64),
         IoOp::WriteZeroes { offset, len, .. } => (ErrorKind::WriteZeroes, *offset, *len),
         IoOp::Flush => (ErrorKind::Flush, 0, 0),
@@ -336,6 +349,10 @@ impl BlockDevice for RbdDevice {
 
     fn supports_write_zeroes(&self) -> bool {
         self.writable
+    }
+
+    fn discards_reads(&self) -> bool {
+        true
     }
 
     fn allocation_map(&mut self) -> Option<&mut dyn AllocationMap> {

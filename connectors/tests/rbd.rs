@@ -181,6 +181,35 @@ fn many_requests_in_flight_round_trip() {
     let data = read_range(&mut dev, 0, 64 * MIB);
     let bad = (0..data.len()).find(|&i| data[i] != pattern(i as u64, 7));
     assert_eq!(bad, None, "first differing byte");
+    // Discarded reads (sizes growing while in flight) report what they
+    // read; ordinary reads among them keep their own data.
+    assert!(dev.discards_reads());
+    let ops: Vec<IoOp> = (0..32u64)
+        .map(|i| {
+            let (offset, len) = (i * 2 * MIB, (1 + i as usize % 3) * 512 * 1024);
+            if i % 4 == 3 {
+                IoOp::Read {
+                    offset,
+                    len,
+                    buf: AlignedBuf::new(len),
+                }
+            } else {
+                IoOp::ReadDiscard { offset, len }
+            }
+        })
+        .collect();
+    for c in run(&mut dev, ops) {
+        let (offset, len) = (c.tag * 2 * MIB, (1 + c.tag as usize % 3) * 512 * 1024);
+        assert_eq!(c.result.expect("read"), len as u64);
+        match c.buf {
+            Returned::None => assert!(c.tag % 4 != 3),
+            Returned::Read(b) => {
+                let bad = (0..len).find(|&i| b.as_slice()[i] != pattern(offset + i as u64, 7));
+                assert_eq!(bad, None, "read {} differs", c.tag);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     // Read-only: writes are refused before reaching librbd.
     let e = dev
         .submit(

@@ -17,7 +17,7 @@ use super::spec::IscsiSpec;
 use super::text::Negotiated;
 use super::IscsiOptions;
 use crate::device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};
-use crate::{DeviceError, ErrorKind};
+use crate::{DeviceError, DiscardTarget, ErrorKind};
 
 /// What the LUN told us when it was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +99,8 @@ pub struct IscsiDevice {
     prefer_unmap: bool,
     stats: Arc<Stats>,
     negotiated: Negotiated,
+    /// Where `IoOp::ReadDiscard` data lands.
+    discard: DiscardTarget,
 }
 
 /// Internal commands use ids with the top bit set; device requests not.
@@ -171,6 +173,7 @@ impl IscsiDevice {
             prefer_unmap: options.prefer_unmap,
             stats,
             negotiated,
+            discard: DiscardTarget::default(),
         };
         dev.probe().map_err(open_err)?;
         info!(device = %name, info = ?dev.info, "attached iSCSI LUN");
@@ -465,10 +468,12 @@ impl IscsiDevice {
                 }
                 (*offset, *len as u64)
             }
+            IoOp::ReadDiscard { offset, len } => (*offset, *len as u64),
             IoOp::WriteZeroes { offset, len, .. } => (*offset, *len),
             IoOp::Flush => return Ok(()),
         };
-        if !matches!(op, IoOp::Read { .. }) && !self.writable {
+        let read = matches!(op, IoOp::Read { .. } | IoOp::ReadDiscard { .. });
+        if !read && !self.writable {
             return Err(format!("{} is open read-only", self.name));
         }
         if offset % bs != 0 || len % bs != 0 {
@@ -480,7 +485,7 @@ impl IscsiDevice {
                 self.size
             ));
         }
-        if matches!(op, IoOp::Read { .. } | IoOp::Write { .. }) && len / bs > u32::MAX as u64 {
+        if !matches!(op, IoOp::WriteZeroes { .. }) && len / bs > u32::MAX as u64 {
             return Err("request too large".into());
         }
         Ok(())
@@ -496,7 +501,9 @@ fn vec_of(p: Payload) -> Vec<u8> {
 
 fn describe(op: &IoOp) -> (ErrorKind, u64, u64) {
     match op {
-        IoOp::Read { offset, len, .. } => (ErrorKind::Read, *offset, *len as u64),
+        IoOp::Read { offset, len, .. } | IoOp::ReadDiscard { offset, len } => {
+            (ErrorKind::Read, *offset, *len as u64)
+        }
         IoOp::Write { offset, len, .. } => (ErrorKind::Write, *offset, *len as u64),
         IoOp::WriteZeroes { offset, len, .. } => (ErrorKind::WriteZeroes, *offset, *len),
         IoOp::Flush => (ErrorKind::Flush, 0, 0),
@@ -562,6 +569,19 @@ impl BlockDevice for IscsiDevice {
                     .collect();
                 held = Returned::Read(buf);
                 cmds
+            }
+            IoOp::ReadDiscard { offset, len } => {
+                // Every piece lands at the start of the shared buffer; only
+                // this device's session writes it, one segment at a time.
+                let ptr = self.discard.ptr(len.min(max));
+                (0..len)
+                    .step_by(max)
+                    .map(|pos| {
+                        let n = (len - pos).min(max);
+                        let cdb = scsi::read16((offset + pos as u64) / bs, (n as u64 / bs) as u32);
+                        (cdb, Payload::InRaw(RawBuf { ptr, len: n }))
+                    })
+                    .collect()
             }
             IoOp::Write {
                 offset,
@@ -635,6 +655,9 @@ impl BlockDevice for IscsiDevice {
                 out.push(c);
                 got += 1;
                 self.in_flight -= 1;
+                if self.in_flight == 0 {
+                    self.discard.idle();
+                }
             }
             if got >= min {
                 // Take whatever else is already there, without waiting.
@@ -655,6 +678,10 @@ impl BlockDevice for IscsiDevice {
 
     fn supports_write_zeroes(&self) -> bool {
         self.writable
+    }
+
+    fn discards_reads(&self) -> bool {
+        true
     }
 
     fn allocation_map(&mut self) -> Option<&mut dyn AllocationMap> {

@@ -566,9 +566,11 @@ pub fn read_device(
     let (size, start, counters) = (dev.size(), Instant::now(), Counters::default());
     let mut cfg = reader::ScanConfig::for_copy(opts, size);
     cfg.hash = hash;
-    // Without a checksum nothing looks at the data: a pure read.
+    // Without a checksum nothing looks at the data: a pure read, into the
+    // device's own memory where it can (no buffer per request).
     cfg.detect_zero = cfg.detect_zero && hash;
     cfg.block_map = None;
+    cfg.discard = !hash && dev.discards_reads();
     let digest = read_back(dev, cfg, &counters, start, progress)?.digest;
     Ok(ReadReport {
         size,

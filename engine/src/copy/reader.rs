@@ -29,6 +29,9 @@ pub(crate) struct ScanConfig {
     pub bwlimit: Option<u64>,
     /// Count bytes as verified rather than read (the read-back pass).
     pub counts_as_verify: bool,
+    /// Nothing looks at the data: read with `IoOp::ReadDiscard`, into the
+    /// device's own shared memory, and hand nothing to the sink.
+    pub discard: bool,
 }
 
 impl ScanConfig {
@@ -45,6 +48,7 @@ impl ScanConfig {
             block_map: opts.block_map.clone(),
             bwlimit: opts.bwlimit,
             counts_as_verify: false,
+            discard: false,
         }
     }
 }
@@ -265,21 +269,26 @@ pub(crate) fn scan(
                             std::thread::sleep(delay);
                         }
                     }
-                    let Some(buf) = pool.try_take() else {
-                        waiting = Some(step);
-                        break;
-                    };
-                    if let Some(t) = throttle.as_mut() {
-                        t.take(len);
-                    }
-                    dev.submit(
-                        offset,
+                    let op = if cfg.discard {
+                        IoOp::ReadDiscard {
+                            offset,
+                            len: len as usize,
+                        }
+                    } else {
+                        let Some(buf) = pool.try_take() else {
+                            waiting = Some(step);
+                            break;
+                        };
                         IoOp::Read {
                             offset,
                             len: len as usize,
                             buf,
-                        },
-                    )?;
+                        }
+                    };
+                    if let Some(t) = throttle.as_mut() {
+                        t.take(len);
+                    }
+                    dev.submit(offset, op)?;
                     lengths.insert(offset, len);
                 }
             }
@@ -299,9 +308,6 @@ pub(crate) fn scan(
             let len = lengths
                 .remove(&offset)
                 .expect("completion for a read we issued");
-            let Returned::Read(buf) = c.buf else {
-                unreachable!("a read returns its buffer")
-            };
             let n = c.result?;
             if n < len {
                 return Err(CopyError::SourceShrank {
@@ -315,6 +321,11 @@ pub(crate) fn scan(
             if cfg.counts_as_verify {
                 counters.read_back.fetch_add(n, Ordering::Relaxed);
             }
+            let buf = match c.buf {
+                Returned::Read(buf) => buf,
+                Returned::None if cfg.discard => continue,
+                _ => unreachable!("a read returns its buffer"),
+            };
             let mut pages = (digest.is_some() || builder.is_some()).then(Vec::new);
             let mut runs = analyze(
                 &buf.as_slice()[..len as usize],

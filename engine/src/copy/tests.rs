@@ -158,3 +158,138 @@ impl TapCreate for std::path::PathBuf {
         self
     }
 }
+
+#[test]
+fn discarded_reads_share_memory_and_report_what_they_read() {
+    let dir = tempfile::Builder::new()
+        .prefix("volback-discard-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let path = dir.path().join("src.img");
+    let size = 8 * MB + 4096 * 3;
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    fill(&path, 0, size as usize, 7);
+    let mut dev = open(&path, false);
+    assert!(dev.discards_reads());
+    // Mixed sizes in flight at once: the shared memory grows (4 KiB, then
+    // 1 MiB, then 3 MiB) while smaller discarded reads still use the old
+    // one; an ordinary read in between must get its own data.
+    let reqs: Vec<(u64, usize, bool)> = vec![
+        (0, 4096, true),
+        (4096, MB as usize, true),
+        (2 * MB, 3 * MB as usize, true),
+        (MB + 4096, 4096 * 5, false),
+        (5 * MB, 3 * MB as usize + 4096 * 3, true),
+    ];
+    for (i, &(offset, len, discard)) in reqs.iter().enumerate() {
+        let op = if discard {
+            IoOp::ReadDiscard { offset, len }
+        } else {
+            IoOp::Read {
+                offset,
+                len,
+                buf: AlignedBuf::new(len),
+            }
+        };
+        dev.submit(i as u64, op).unwrap();
+    }
+    let mut out = Vec::new();
+    dev.reap(reqs.len(), &mut out).unwrap();
+    assert_eq!(out.len(), reqs.len());
+    let want = std::fs::read(&path).unwrap();
+    for c in out {
+        let (offset, len, discard) = reqs[c.tag as usize];
+        assert_eq!(c.result.unwrap(), len as u64, "request {}", c.tag);
+        match c.buf {
+            volback_connectors::Returned::None => assert!(discard),
+            volback_connectors::Returned::Read(b) => {
+                assert!(!discard);
+                assert!(b.as_slice()[..len] == want[offset as usize..offset as usize + len]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Past the end: refused, naming the range.
+    let err = dev
+        .submit(
+            0,
+            IoOp::ReadDiscard {
+                offset: size - 4096,
+                len: 8192,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("past the end"), "{err}");
+
+    // A read without a checksum discards; with one it reads into buffers.
+    let opts = CopyOptions {
+        block_size: MB,
+        queue_depth: 4,
+        sparse: SparseMode::Never,
+        ..Default::default()
+    };
+    let mut counted = Counting {
+        dev: dev.as_mut(),
+        reads: 0,
+        discards: 0,
+    };
+    let plain = read_device(&mut counted, &opts, false, &mut |_| {}).unwrap();
+    assert_eq!(plain.bytes_read, size);
+    assert_eq!(plain.digest, None);
+    assert_eq!((counted.reads, counted.discards), (0, 9));
+    let mut counted = Counting {
+        dev: dev.as_mut(),
+        reads: 0,
+        discards: 0,
+    };
+    let hashed = read_device(&mut counted, &opts, true, &mut |_| {}).unwrap();
+    assert_eq!(hashed.bytes_read, size);
+    assert_eq!((counted.reads, counted.discards), (9, 0));
+    let mut other = open(&path, false);
+    let again = read_device(other.as_mut(), &opts, true, &mut |_| {}).unwrap();
+    assert!(hashed.digest.is_some() && hashed.digest == again.digest);
+}
+
+/// Counts the reads a device is asked for, by kind.
+struct Counting<'a> {
+    dev: &'a mut dyn BlockDevice,
+    reads: usize,
+    discards: usize,
+}
+
+impl BlockDevice for Counting<'_> {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.dev.logical_block_size()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.dev.max_in_flight()
+    }
+    fn in_flight(&self) -> usize {
+        self.dev.in_flight()
+    }
+    fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), volback_connectors::DeviceError> {
+        match &op {
+            IoOp::Read { .. } => self.reads += 1,
+            IoOp::ReadDiscard { .. } => self.discards += 1,
+            _ => {}
+        }
+        self.dev.submit(tag, op)
+    }
+    fn reap(
+        &mut self,
+        min: usize,
+        out: &mut Vec<volback_connectors::Completion>,
+    ) -> Result<(), volback_connectors::DeviceError> {
+        self.dev.reap(min, out)
+    }
+    fn discards_reads(&self) -> bool {
+        self.dev.discards_reads()
+    }
+}
