@@ -181,7 +181,7 @@ impl Config {
     }
 }
 
-/// Resolves, connects with large socket buffers and TCP_NODELAY.
+/// Resolves, connects with a large send buffer and TCP_NODELAY.
 pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, IscsiError> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
@@ -190,9 +190,13 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, IscsiError>
         } else {
             TcpSocket::new_v6()?
         };
-        // Best effort: the kernel caps these at its own limits.
+        // Best effort: the kernel caps it at its own limit. The receive
+        // buffer is left to the kernel's autotuning: fixed at 4 MiB (8 MiB
+        // of window), the target queued that much ahead of us, in more skb
+        // memory than the caches hold; reading a LUN from tgtd then cost
+        // tgtd about 10% more CPU per GiB and ran about 10% slower (10
+        // alternating runs each).
         let _ = sock.set_send_buffer_size(4 << 20);
-        let _ = sock.set_recv_buffer_size(4 << 20);
         match sock.connect(addr).await {
             Ok(s) => {
                 s.set_nodelay(true)?;
