@@ -117,6 +117,15 @@
 #   KEEP=1           keep the random files (reused by the next run) and tgtd's
 #                    log (BENCH_DIR/tgtd/log); tgtd and the loop devices go anyway
 #   TGT_PORT=n       tgtd's portal port (default: tgt.sh picks a free one)
+#   TGTD_ENV="MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456"
+#                    environment for tgtd (word-split; "" for none). tgtd
+#                    allocates a buffer per command; with glibc's default,
+#                    self-adjusting thresholds it either reuses heap memory
+#                    or maps and faults in every page of every buffer
+#                    (263,000 faults per GiB read), depending on its history,
+#                    so its rate moved 2x between runs and even within one
+#                    tgtd's life. Fixed thresholds keep it in the first state
+#                    for every run. Both tools face the same tgtd.
 #   VOLBACK_LOG=warn volback's log filter (its stderr is shown on failures)
 #
 # Exit status: non-zero only on a correctness failure: a command failed or its
@@ -144,6 +153,7 @@ TGT_PARAMS=${TGT_PARAMS-MaxRecvDataSegmentLength=262144 MaxXmitDataSegmentLength
 BENCH_DIR=${BENCH_DIR:-/var/tmp/volback-bench-iscsi}
 KEEP=${KEEP:-0}
 TGT_PORT=${TGT_PORT:-}
+TGTD_ENV=${TGTD_ENV-MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456}
 read -ra VOLBACK_COPY_EXTRA <<<"${VOLBACK_COPY_ARGS:-}"
 export VOLBACK_LOG=${VOLBACK_LOG:-warn}
 
@@ -306,7 +316,9 @@ TGT_STARTED=1
 # In a session of its own: a Ctrl-C to the script's process group must not
 # stop tgt.sh between launching tgtd and recording its PID (the script waits
 # for the start to finish, then its EXIT trap stops tgtd).
-out=$(setsid --wait bash "$TGT_SH" start "$TGT_DIR" $TGT_PORT </dev/null 2>"$TOOL_LOG") ||
+read -ra tgtd_env <<<"$TGTD_ENV"
+log "tgtd's environment: ${TGTD_ENV:-(as inherited)}"
+out=$(env "${tgtd_env[@]}" setsid --wait bash "$TGT_SH" start "$TGT_DIR" $TGT_PORT </dev/null 2>"$TOOL_LOG") ||
     die_log "could not start tgtd"
 [[ $out =~ ^TGT_PORTAL=([^[:space:]]+)\ TGT_CONTROL=([0-9]+)$ ]] ||
     die "tgt.sh start printed '$out', not TGT_PORTAL=.. TGT_CONTROL=.."
@@ -667,7 +679,7 @@ EOF
 
 echo
 echo "reproduce: SIZE=$SIZE RUNS=$RUNS CASES='$CASES' BLOCK=$BLOCK QD=$QD IPERF_SECONDS=$IPERF_SECONDS READ_CHECKSUM=$READ_CHECKSUM" \
-    "WARM=$WARM TGT_PARAMS='$TGT_PARAMS' VOLBACK_COPY_ARGS='${VOLBACK_COPY_ARGS:-}' BENCH_DIR=$BENCH_DIR" \
+    "WARM=$WARM TGT_PARAMS='$TGT_PARAMS' TGTD_ENV='$TGTD_ENV' VOLBACK_COPY_ARGS='${VOLBACK_COPY_ARGS:-}' BENCH_DIR=$BENCH_DIR" \
     "${TGT_PORT:+TGT_PORT=$TGT_PORT }VOLBACK=$VOLBACK bash $ORIG_CMD"
 
 if (( FAILED )); then
