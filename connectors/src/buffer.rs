@@ -28,24 +28,24 @@ unsafe impl Sync for AlignedBuf {}
 /// writes them.
 const MAPPED_FROM: usize = 128 << 10;
 
+/// Mappings of this size and more start on a 2 MiB boundary and ask for
+/// transparent huge pages (`MADV_HUGEPAGE`).
+///
+/// Moving a GiB through 4 KiB pages means 262,144 of them to pin for direct
+/// I/O, to walk in the TLB and to fault in; 2 MiB pages cut that 512-fold.
+/// Measured here (medians of alternating runs): copying a 2 GiB file to a
+/// loop device went from 2.69 to 2.09 s (5 runs each), a 1 GiB LUN to a
+/// loop device from 0.91 to 0.85 s (8 runs each). A huge page's first
+/// touch clears 2 MiB at once, which can be slow in a VM whose memory the
+/// host has not backed yet.
+pub const HUGE_PAGE: usize = 2 << 20;
+
 impl AlignedBuf {
     /// Allocates `len` bytes (rounded up to the alignment), zeroed.
     pub fn new(len: usize) -> Self {
         let len = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
         if len >= MAPPED_FROM {
-            // SAFETY: an anonymous private mapping; no file, no fixed address.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p != libc::MAP_FAILED {
-                let ptr = NonNull::new(p.cast::<u8>()).expect("mmap never returns null");
+            if let Some(ptr) = map(len) {
                 return Self {
                     ptr,
                     len,
@@ -62,6 +62,32 @@ impl AlignedBuf {
             ptr,
             len,
             mapped: false,
+        }
+    }
+
+    /// `count` buffers of `len` bytes each (rounded up as by [`new`]).
+    /// Large ones are cut from one mapping, so that buffers smaller than a
+    /// huge page still get huge pages (two 1 MiB buffers share one). Each
+    /// owns its own range: dropping one unmaps only that.
+    ///
+    /// [`new`]: AlignedBuf::new
+    pub fn new_batch(len: usize, count: usize) -> Vec<Self> {
+        let len = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
+        let base = if len >= MAPPED_FROM && count > 1 {
+            len.checked_mul(count).and_then(map)
+        } else {
+            None
+        };
+        match base {
+            Some(base) => (0..count)
+                .map(|i| Self {
+                    // SAFETY: inside the mapping of len * count bytes.
+                    ptr: unsafe { NonNull::new_unchecked(base.as_ptr().add(i * len)) },
+                    len,
+                    mapped: true,
+                })
+                .collect(),
+            None => (0..count).map(|_| Self::new(len)).collect(),
         }
     }
 
@@ -137,10 +163,59 @@ impl DiscardTarget {
     }
 }
 
+/// An anonymous private mapping of `len` bytes (a multiple of the page
+/// size), on a 2 MiB boundary with huge pages asked for when it is at least
+/// [`HUGE_PAGE`] long.
+fn map(len: usize) -> Option<NonNull<u8>> {
+    let huge = len >= HUGE_PAGE;
+    // Over-map by one huge page so that an aligned start fits, then give
+    // back the unaligned head and the tail.
+    let span = if huge {
+        len.checked_add(HUGE_PAGE)?
+    } else {
+        len
+    };
+    // SAFETY: an anonymous private mapping; no file, no fixed address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let p = p.cast::<u8>();
+    if !huge {
+        return NonNull::new(p);
+    }
+    let head = (p as usize).next_multiple_of(HUGE_PAGE) - p as usize;
+    // SAFETY: head and tail are page-aligned ranges of the mapping just
+    // made, outside [start, start + len); madvise is a hint (a kernel
+    // without THP refuses it, and the pages stay small).
+    unsafe {
+        let start = p.add(head);
+        if head > 0 {
+            libc::munmap(p.cast(), head);
+        }
+        let tail = span - head - len;
+        if tail > 0 {
+            libc::munmap(start.add(len).cast(), tail);
+        }
+        libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE);
+        NonNull::new(start)
+    }
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.mapped {
-            // SAFETY: mapped in new() with exactly this length.
+            // SAFETY: a range of a mapping (new() or new_batch()) that this
+            // buffer alone owns, page aligned, exactly this long.
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
             return;
         }
@@ -185,5 +260,74 @@ mod tests {
             b.as_mut_slice().fill(7);
             assert!(b.as_slice().iter().all(|&x| x == 7));
         }
+    }
+
+    /// AnonHugePages (KiB) of the mapping that holds `addr`, from smaps.
+    fn huge_kib_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = a <= addr && addr < b;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                    return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn batches_share_huge_pages_and_free_independently() {
+        const MIB: usize = 1 << 20;
+        let mut bufs = AlignedBuf::new_batch(MIB, 6);
+        assert_eq!(bufs.len(), 6);
+        let base = bufs[0].as_ptr() as usize;
+        assert_eq!(
+            base % HUGE_PAGE,
+            0,
+            "a batch starts on a huge-page boundary"
+        );
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.len(), MIB);
+            assert_eq!(
+                b.as_ptr() as usize,
+                base + i * MIB,
+                "buffers are contiguous"
+            );
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice().fill(i as u8 + 1);
+        }
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !thp.contains("[never]") {
+            assert!(
+                huge_kib_at(base) >= 2048,
+                "touched 6 MiB asked for huge pages, got {} KiB (THP: {thp})",
+                huge_kib_at(base)
+            );
+        }
+        // Dropping one (half of a huge page) leaves its neighbours intact.
+        let third = bufs.remove(2);
+        drop(third);
+        for (b, want) in bufs.iter().zip([1u8, 2, 4, 5, 6]) {
+            assert!(b.as_slice().iter().all(|&x| x == want));
+        }
+        bufs[1].as_mut_slice().fill(9);
+        assert!(bufs[1].as_slice().iter().all(|&x| x == 9));
+        // Small or single buffers are made one by one, as by new().
+        let small = AlignedBuf::new_batch(5000, 3);
+        assert!(small.iter().all(|b| b.len() == 8192 && !b.mapped));
+        let single = AlignedBuf::new_batch(4 * MIB, 1);
+        assert_eq!(single[0].as_ptr() as usize % HUGE_PAGE, 0);
     }
 }

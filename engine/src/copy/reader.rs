@@ -133,7 +133,8 @@ impl MapBuilder {
 }
 
 /// The bounded set of buffers shared by reader and writer. Buffers are
-/// allocated lazily up to `max` and come back through `returns`.
+/// mapped when first needed, all `max` at once, and come back through
+/// `returns`.
 pub(crate) struct Pool {
     free: Vec<AlignedBuf>,
     allocated: usize,
@@ -161,8 +162,12 @@ impl Pool {
             return Some(b);
         }
         if self.allocated < self.max {
-            self.allocated += 1;
-            return Some(AlignedBuf::new(self.block_size));
+            // The rest of the pool at once, from one mapping, so buffers
+            // under 2 MiB share huge pages too. Nothing is touched yet: the
+            // first I/O into each buffer faults its memory in.
+            self.free = AlignedBuf::new_batch(self.block_size, self.max - self.allocated);
+            self.allocated = self.max;
+            return self.free.pop();
         }
         None
     }
