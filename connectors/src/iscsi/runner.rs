@@ -102,10 +102,16 @@ impl Runner {
         if s.keeper_driving.load(SeqCst) {
             s.release.notify_one();
         }
-        let out = self.rt.block_on(f);
-        s.caller_left.store(s.now(), SeqCst);
-        s.caller_waiting.store(false, SeqCst);
-        out
+        // Also on unwinding, or the keeper would never drive again.
+        struct Leave<'a>(&'a Shared);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.caller_left.store(self.0.now(), SeqCst);
+                self.0.caller_waiting.store(false, SeqCst);
+            }
+        }
+        let _leave = Leave(s);
+        self.rt.block_on(f)
     }
 }
 
