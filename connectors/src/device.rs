@@ -132,6 +132,12 @@ pub trait BlockDevice: Send {
     fn supports_write_zeroes(&self) -> bool {
         false
     }
+    /// The largest read the device serves as one request, if it splits
+    /// larger ones (an iSCSI LUN: its negotiated MaxBurstLength or the
+    /// LUN's maximum transfer). The copy engine reads no more at a time.
+    fn max_read_size(&self) -> Option<u64> {
+        None
+    }
     /// Whether `IoOp::ReadDiscard` is supported.
     fn discards_reads(&self) -> bool {
         false

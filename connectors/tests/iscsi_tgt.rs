@@ -275,6 +275,7 @@ fn iscsi_read_write_round_trip_and_libiscsi_cross_check() {
         n.max_burst_length, 262_144,
         "tgt's smaller MaxBurstLength wins"
     );
+    assert_eq!(dev.max_read_size(), Some(262_144), "reads split there");
 
     let chunks = mixed_chunks(1);
     write_all(&mut dev, &chunks);

@@ -240,7 +240,9 @@ struct ReadArgs {
 /// How `copy` and `read` drive the devices.
 #[derive(Args)]
 struct IoArgs {
-    /// Bytes per request (multiple of 4 KiB, at most 64 MiB).
+    /// Bytes per request (multiple of 4 KiB, at most 64 MiB). Reads from a
+    /// source that splits larger ones (an iSCSI LUN, at its MaxBurstLength)
+    /// are no larger than it takes in one.
     #[arg(long, default_value = "2M", value_parser = parse_bytes)]
     block_size: u64,
     /// Buffers, and so requests in flight (reads plus writes for a copy).

@@ -684,6 +684,10 @@ impl BlockDevice for IscsiDevice {
         true
     }
 
+    fn max_read_size(&self) -> Option<u64> {
+        Some(self.max_transfer as u64)
+    }
+
     fn allocation_map(&mut self) -> Option<&mut dyn AllocationMap> {
         if self.info.thin {
             Some(self)

@@ -236,6 +236,10 @@ pub fn copy(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Copied, CopyError> {
     validate(opts)?;
+    let opts = &CopyOptions {
+        block_size: fit_block_size(opts.block_size, opts.block_map.as_ref(), &*source),
+        ..opts.clone()
+    };
     let size = source.size();
     if destination.size() < size {
         return Err(CopyError::DestinationTooSmall {
@@ -387,6 +391,22 @@ pub fn copy(
         source,
         destination,
     })
+}
+
+/// `block_size`, or less where `source` serves smaller reads as one
+/// request ([`BlockDevice::max_read_size`]: an iSCSI LUN splits larger ones
+/// at its MaxBurstLength). Still a multiple of the block map's block.
+///
+/// Why: a 2 MiB read from a LUN that takes 1 MiB per command is two
+/// commands filling one buffer; copying a 1 GiB LUN to a loop device took
+/// 0.79 s at 2 MiB x 32 and 0.64 s at 1 MiB x 32 (medians of 6
+/// alternating runs; qemu-img convert: 0.78 s).
+fn fit_block_size(block_size: u64, map: Option<&MapPlan>, source: &dyn BlockDevice) -> u64 {
+    let unit = map.map_or(GRID, |m| m.block);
+    match source.max_read_size() {
+        Some(max) if max / unit * unit > 0 => block_size.min(max / unit * unit),
+        _ => block_size,
+    }
 }
 
 fn validate(opts: &CopyOptions) -> Result<(), CopyError> {
@@ -651,6 +671,7 @@ fn read_back(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<reader::Scanned, CopyError> {
     cfg.counts_as_verify = true;
+    cfg.block_size = fit_block_size(cfg.block_size, cfg.block_map.as_ref(), dev);
     let size = cfg.size;
     let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
     let workers = Workers::watched_here();

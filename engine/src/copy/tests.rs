@@ -229,20 +229,12 @@ fn discarded_reads_share_memory_and_report_what_they_read() {
         sparse: SparseMode::Never,
         ..Default::default()
     };
-    let mut counted = Counting {
-        dev: dev.as_mut(),
-        reads: 0,
-        discards: 0,
-    };
+    let mut counted = Counting::new(dev.as_mut(), None);
     let plain = read_device(&mut counted, &opts, false, &mut |_| {}).unwrap();
     assert_eq!(plain.bytes_read, size);
     assert_eq!(plain.digest, None);
     assert_eq!((counted.reads, counted.discards), (0, 9));
-    let mut counted = Counting {
-        dev: dev.as_mut(),
-        reads: 0,
-        discards: 0,
-    };
+    let mut counted = Counting::new(dev.as_mut(), None);
     let hashed = read_device(&mut counted, &opts, true, &mut |_| {}).unwrap();
     assert_eq!(hashed.bytes_read, size);
     assert_eq!((counted.reads, counted.discards), (9, 0));
@@ -256,6 +248,9 @@ struct Counting<'a> {
     dev: &'a mut dyn BlockDevice,
     reads: usize,
     discards: usize,
+    /// What `max_read_size` says, and the longest read asked for.
+    cap: Option<u64>,
+    longest: usize,
 }
 
 impl BlockDevice for Counting<'_> {
@@ -276,8 +271,14 @@ impl BlockDevice for Counting<'_> {
     }
     fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), volback_connectors::DeviceError> {
         match &op {
-            IoOp::Read { .. } => self.reads += 1,
-            IoOp::ReadDiscard { .. } => self.discards += 1,
+            IoOp::Read { len, .. } => {
+                self.reads += 1;
+                self.longest = self.longest.max(*len);
+            }
+            IoOp::ReadDiscard { len, .. } => {
+                self.discards += 1;
+                self.longest = self.longest.max(*len);
+            }
             _ => {}
         }
         self.dev.submit(tag, op)
@@ -291,5 +292,106 @@ impl BlockDevice for Counting<'_> {
     }
     fn discards_reads(&self) -> bool {
         self.dev.discards_reads()
+    }
+    fn max_read_size(&self) -> Option<u64> {
+        self.cap
+    }
+}
+
+impl<'a> Counting<'a> {
+    fn new(dev: &'a mut dyn BlockDevice, cap: Option<u64>) -> Self {
+        Self {
+            dev,
+            reads: 0,
+            discards: 0,
+            cap,
+            longest: 0,
+        }
+    }
+}
+
+#[test]
+fn reads_fit_a_source_that_splits_larger_ones() {
+    let dir = tempfile::Builder::new()
+        .prefix("volback-fit-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    let size = 6 * MB + 8192;
+    for p in [&src, &dst] {
+        std::fs::File::create(p).unwrap().set_len(size).unwrap();
+    }
+    fill(&src, 0, size as usize, 5);
+    let opts = CopyOptions {
+        block_size: 4 * MB,
+        queue_depth: 4,
+        verify: true,
+        ..Default::default()
+    };
+    // A source that takes at most 1 MiB + 100 bytes per request gets reads
+    // of 1 MiB (the largest multiple of the 4 KiB grid that fits).
+    let mut dev = open(&src, false);
+    let mut counted = Counting::new(dev.as_mut(), Some(MB + 100));
+    let r = read_device(&mut counted, &opts, true, &mut |_| {}).unwrap();
+    assert_eq!(r.bytes_read, size);
+    assert_eq!((counted.longest, counted.reads), (MB as usize, 7));
+    // A copy too (the source asserts every read fits), and the data arrives
+    // whole.
+    let report = copy(
+        Box::new(Capped {
+            dev: open(&src, false),
+            cap: MB,
+        }),
+        open(&dst, true),
+        &opts,
+        &mut |_| {},
+    )
+    .unwrap()
+    .report;
+    assert_eq!(report.bytes_read, size);
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+    // Without a cap the block size stands.
+    let mut counted = Counting::new(dev.as_mut(), None);
+    read_device(&mut counted, &opts, true, &mut |_| {}).unwrap();
+    assert_eq!(counted.longest, 4 * MB as usize);
+}
+
+/// An owned device that says it takes at most `cap` bytes per read.
+struct Capped {
+    dev: Box<dyn BlockDevice>,
+    cap: u64,
+}
+
+impl BlockDevice for Capped {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.dev.logical_block_size()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.dev.max_in_flight()
+    }
+    fn in_flight(&self) -> usize {
+        self.dev.in_flight()
+    }
+    fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), volback_connectors::DeviceError> {
+        if let IoOp::Read { len, .. } = &op {
+            assert!(*len as u64 <= self.cap, "a read of {len} bytes");
+        }
+        self.dev.submit(tag, op)
+    }
+    fn reap(
+        &mut self,
+        min: usize,
+        out: &mut Vec<volback_connectors::Completion>,
+    ) -> Result<(), volback_connectors::DeviceError> {
+        self.dev.reap(min, out)
+    }
+    fn max_read_size(&self) -> Option<u64> {
+        Some(self.cap)
     }
 }
