@@ -206,34 +206,32 @@ impl LocalDevice {
     fn push(&mut self, slot: usize) -> Result<(), DeviceError> {
         let entry = self.slab[slot].as_mut().expect("slot in use");
         let done = entry.done;
+        // Reads and writes go to the O_DIRECT descriptor when aligned.
+        let (direct, align) = (self.direct, self.direct_align);
+        let (direct_fd, buffered_fd) = (self.direct_fd.as_raw_fd(), self.buffered_fd.as_raw_fd());
+        let fd = |off: u64, n: u64, ptr: *const u8| {
+            types::Fd(if is_aligned(direct, align, off, n, ptr) {
+                direct_fd
+            } else {
+                buffered_fd
+            })
+        };
         let sqe = match &mut entry.op {
             IoOp::Read { offset, len, buf } => {
-                let off = *offset + done;
-                let n = *len as u64 - done;
+                let (off, n) = (*offset + done, *len as u64 - done);
                 // SAFETY: done < len <= buf.len(); the buffer lives in the slab
                 // until the completion arrives.
                 let ptr = unsafe { buf.as_mut_ptr().add(done as usize) };
-                let fd = if is_aligned(self.direct, self.direct_align, off, n, ptr) {
-                    self.direct_fd.as_raw_fd()
-                } else {
-                    self.buffered_fd.as_raw_fd()
-                };
-                opcode::Read::new(types::Fd(fd), ptr, n as u32)
+                opcode::Read::new(fd(off, n, ptr), ptr, n as u32)
                     .offset(off)
                     .build()
             }
             IoOp::ReadDiscard { offset, len } => {
-                let off = *offset + done;
-                let n = *len as u64 - done;
+                let (off, n) = (*offset + done, *len as u64 - done);
                 // Every discarded read lands at the start of the shared
                 // buffer, which outlives every read in flight.
                 let ptr = self.discard.ptr(n as usize);
-                let fd = if is_aligned(self.direct, self.direct_align, off, n, ptr) {
-                    self.direct_fd.as_raw_fd()
-                } else {
-                    self.buffered_fd.as_raw_fd()
-                };
-                opcode::Read::new(types::Fd(fd), ptr, n as u32)
+                opcode::Read::new(fd(off, n, ptr), ptr, n as u32)
                     .offset(off)
                     .build()
             }
@@ -243,16 +241,10 @@ impl LocalDevice {
                 start,
                 len,
             } => {
-                let off = *offset + done;
-                let n = *len as u64 - done;
+                let (off, n) = (*offset + done, *len as u64 - done);
                 // SAFETY: start + len <= buf.len() (checked at submit).
                 let ptr = unsafe { buf.as_ptr().add(*start + done as usize) };
-                let fd = if is_aligned(self.direct, self.direct_align, off, n, ptr) {
-                    self.direct_fd.as_raw_fd()
-                } else {
-                    self.buffered_fd.as_raw_fd()
-                };
-                opcode::Write::new(types::Fd(fd), ptr, n as u32)
+                opcode::Write::new(fd(off, n, ptr), ptr, n as u32)
                     .offset(off)
                     .build()
             }
