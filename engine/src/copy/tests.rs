@@ -1,5 +1,6 @@
 //! The copy engine on real files: incremental copies against a block map.
 
+use std::ops::DerefMut;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -243,17 +244,30 @@ fn discarded_reads_share_memory_and_report_what_they_read() {
     assert!(hashed.digest.is_some() && hashed.digest == again.digest);
 }
 
-/// Counts the reads a device is asked for, by kind.
-struct Counting<'a> {
-    dev: &'a mut dyn BlockDevice,
+/// A device (borrowed or owned) that counts the reads it is asked for, by
+/// kind, and with a `cap` says it takes at most that many bytes per read
+/// (and fails the test on a longer one).
+struct Counting<D> {
+    dev: D,
     reads: usize,
     discards: usize,
-    /// What `max_read_size` says, and the longest read asked for.
     cap: Option<u64>,
     longest: usize,
 }
 
-impl BlockDevice for Counting<'_> {
+impl<D> Counting<D> {
+    fn new(dev: D, cap: Option<u64>) -> Self {
+        Self {
+            dev,
+            reads: 0,
+            discards: 0,
+            cap,
+            longest: 0,
+        }
+    }
+}
+
+impl<D: DerefMut<Target = dyn BlockDevice> + Send> BlockDevice for Counting<D> {
     fn name(&self) -> &str {
         self.dev.name()
     }
@@ -270,16 +284,20 @@ impl BlockDevice for Counting<'_> {
         self.dev.in_flight()
     }
     fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), volback_connectors::DeviceError> {
-        match &op {
+        let len = match &op {
             IoOp::Read { len, .. } => {
                 self.reads += 1;
-                self.longest = self.longest.max(*len);
+                *len
             }
             IoOp::ReadDiscard { len, .. } => {
                 self.discards += 1;
-                self.longest = self.longest.max(*len);
+                *len
             }
-            _ => {}
+            _ => 0,
+        };
+        self.longest = self.longest.max(len);
+        if let Some(cap) = self.cap {
+            assert!(len as u64 <= cap, "a read of {len} bytes");
         }
         self.dev.submit(tag, op)
     }
@@ -295,18 +313,6 @@ impl BlockDevice for Counting<'_> {
     }
     fn max_read_size(&self) -> Option<u64> {
         self.cap
-    }
-}
-
-impl<'a> Counting<'a> {
-    fn new(dev: &'a mut dyn BlockDevice, cap: Option<u64>) -> Self {
-        Self {
-            dev,
-            reads: 0,
-            discards: 0,
-            cap,
-            longest: 0,
-        }
     }
 }
 
@@ -338,10 +344,7 @@ fn reads_fit_a_source_that_splits_larger_ones() {
     // A copy too (the source asserts every read fits), and the data arrives
     // whole.
     let report = copy(
-        Box::new(Capped {
-            dev: open(&src, false),
-            cap: MB,
-        }),
+        Box::new(Counting::new(open(&src, false), Some(MB))),
         open(&dst, true),
         &opts,
         &mut |_| {},
@@ -354,44 +357,4 @@ fn reads_fit_a_source_that_splits_larger_ones() {
     let mut counted = Counting::new(dev.as_mut(), None);
     read_device(&mut counted, &opts, true, &mut |_| {}).unwrap();
     assert_eq!(counted.longest, 4 * MB as usize);
-}
-
-/// An owned device that says it takes at most `cap` bytes per read.
-struct Capped {
-    dev: Box<dyn BlockDevice>,
-    cap: u64,
-}
-
-impl BlockDevice for Capped {
-    fn name(&self) -> &str {
-        self.dev.name()
-    }
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-    fn logical_block_size(&self) -> u32 {
-        self.dev.logical_block_size()
-    }
-    fn max_in_flight(&self) -> usize {
-        self.dev.max_in_flight()
-    }
-    fn in_flight(&self) -> usize {
-        self.dev.in_flight()
-    }
-    fn submit(&mut self, tag: u64, op: IoOp) -> Result<(), volback_connectors::DeviceError> {
-        if let IoOp::Read { len, .. } = &op {
-            assert!(*len as u64 <= self.cap, "a read of {len} bytes");
-        }
-        self.dev.submit(tag, op)
-    }
-    fn reap(
-        &mut self,
-        min: usize,
-        out: &mut Vec<volback_connectors::Completion>,
-    ) -> Result<(), volback_connectors::DeviceError> {
-        self.dev.reap(min, out)
-    }
-    fn max_read_size(&self) -> Option<u64> {
-        Some(self.cap)
-    }
 }
