@@ -43,7 +43,7 @@ pub const HUGE_PAGE: usize = 2 << 20;
 impl AlignedBuf {
     /// Allocates `len` bytes (rounded up to the alignment), zeroed.
     pub fn new(len: usize) -> Self {
-        let len = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
+        let len = rounded(len);
         if len >= MAPPED_FROM {
             if let Some(ptr) = map(len) {
                 return Self {
@@ -72,7 +72,7 @@ impl AlignedBuf {
     ///
     /// [`new`]: AlignedBuf::new
     pub fn new_batch(len: usize, count: usize) -> Vec<Self> {
-        let len = len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN;
+        let len = rounded(len);
         let base = if len >= MAPPED_FROM && count > 1 {
             len.checked_mul(count).and_then(map)
         } else {
@@ -161,6 +161,11 @@ impl DiscardTarget {
     pub fn idle(&mut self) {
         self.retired.clear();
     }
+}
+
+/// `len` rounded up to whole alignment units (at least one).
+fn rounded(len: usize) -> usize {
+    len.max(1).div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN
 }
 
 /// An anonymous private mapping of `len` bytes (a multiple of the page

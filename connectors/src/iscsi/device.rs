@@ -499,6 +499,32 @@ fn vec_of(p: Payload) -> Vec<u8> {
     }
 }
 
+/// READ(16)s of at most `max` bytes covering `len` bytes at `offset`; the
+/// piece at byte `pos` of the request lands at `dst(pos)`.
+fn read_pieces(
+    offset: u64,
+    len: usize,
+    max: usize,
+    block_size: u64,
+    dst: impl Fn(usize) -> *mut u8,
+) -> Vec<(Cdb, Payload)> {
+    (0..len)
+        .step_by(max)
+        .map(|pos| {
+            let n = (len - pos).min(max);
+            let lba = (offset + pos as u64) / block_size;
+            let cdb = scsi::read16(lba, (n as u64 / block_size) as u32);
+            (
+                cdb,
+                Payload::InRaw(RawBuf {
+                    ptr: dst(pos),
+                    len: n,
+                }),
+            )
+        })
+        .collect()
+}
+
 fn describe(op: &IoOp) -> (ErrorKind, u64, u64) {
     match op {
         IoOp::Read { offset, len, .. } | IoOp::ReadDiscard { offset, len } => {
@@ -555,18 +581,9 @@ impl BlockDevice for IscsiDevice {
                 mut buf,
             } => {
                 let base = buf.as_mut_ptr();
-                let cmds = (0..len)
-                    .step_by(max)
-                    .map(|pos| {
-                        let n = (len - pos).min(max);
-                        let cdb = scsi::read16((offset + pos as u64) / bs, (n as u64 / bs) as u32);
-                        // SAFETY: within the buffer (checked against its
-                        // length), which the op state keeps until every
-                        // piece has completed.
-                        let ptr = unsafe { base.add(pos) };
-                        (cdb, Payload::InRaw(RawBuf { ptr, len: n }))
-                    })
-                    .collect();
+                // SAFETY: within the buffer (checked against its length),
+                // which the op state keeps until every piece has completed.
+                let cmds = read_pieces(offset, len, max, bs, |pos| unsafe { base.add(pos) });
                 held = Returned::Read(buf);
                 cmds
             }
@@ -574,14 +591,7 @@ impl BlockDevice for IscsiDevice {
                 // Every piece lands at the start of the shared buffer; only
                 // this device's session writes it, one segment at a time.
                 let ptr = self.discard.ptr(len.min(max));
-                (0..len)
-                    .step_by(max)
-                    .map(|pos| {
-                        let n = (len - pos).min(max);
-                        let cdb = scsi::read16((offset + pos as u64) / bs, (n as u64 / bs) as u32);
-                        (cdb, Payload::InRaw(RawBuf { ptr, len: n }))
-                    })
-                    .collect()
+                read_pieces(offset, len, max, bs, |_| ptr)
             }
             IoOp::Write {
                 offset,

@@ -272,6 +272,13 @@ struct Task {
     seq: u64,
 }
 
+impl Task {
+    /// No Data-In has arrived for it yet (so its buffer can still be traded).
+    fn unstarted(&self) -> bool {
+        self.received == 0 && self.next_datasn == 0
+    }
+}
+
 enum Out {
     Cmd(usize),
     Data {
@@ -423,8 +430,7 @@ impl St {
         for (i, t) in self.slots.iter().enumerate() {
             let Some(t) = t else { continue };
             if let Payload::In { buf, len } = &t.payload {
-                let unstarted = t.received == 0 && t.next_datasn == 0;
-                if unstarted
+                if t.unstarted()
                     && t.seq > seq
                     && buf.len() >= need
                     && cap >= *len
@@ -1024,10 +1030,7 @@ async fn reader_loop(
                 let mut s = st.borrow_mut();
                 match s.lookup(itt) {
                     Some(slot) => {
-                        if s.slots[slot]
-                            .as_ref()
-                            .is_some_and(|t| t.received == 0 && t.next_datasn == 0)
-                        {
+                        if s.slots[slot].as_ref().is_some_and(Task::unstarted) {
                             s.take_warm_buffer(slot);
                         }
                         let t = s.slots[slot].as_mut().expect("live task");

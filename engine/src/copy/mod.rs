@@ -275,15 +275,11 @@ pub fn copy(
     let workers = Workers::watched_here();
     let (source, destination, scanned) = std::thread::scope(|s| {
         let wc = counters.clone();
-        let done = workers.token();
-        let writer = s.spawn(move || {
-            let _done = done;
+        let writer = workers.spawn(s, move || {
             writer::run(destination, work_rx, pool_tx, writer_cfg, &wc)
         });
         let rc = counters.clone();
-        let done = workers.token();
-        let reader = s.spawn(move || {
-            let _done = done;
+        let reader = workers.spawn(s, move || {
             let mut pool =
                 reader::Pool::new(reader_cfg.pool_size, reader_cfg.block_size, Some(pool_rx));
             let mut source = source;
@@ -461,7 +457,6 @@ fn reads_as_zero(dev: &mut dyn BlockDevice, size: u64) -> Result<bool, DeviceErr
     Ok(true)
 }
 
-/// Calls `progress` every 200 ms until `finished`, and once at the end.
 /// The workers a [`watch`] waits for. Each holds a [`DoneToken`]; the last
 /// one dropped wakes the watcher at once, so an operation does not end up
 /// to one polling interval late.
@@ -471,7 +466,7 @@ pub(crate) struct Workers {
 }
 
 /// Dropped when a worker ends, by returning, failing or panicking.
-pub(crate) struct DoneToken {
+struct DoneToken {
     left: Arc<AtomicU64>,
     watcher: std::thread::Thread,
 }
@@ -485,7 +480,20 @@ impl Workers {
         }
     }
 
-    pub(crate) fn token(&self) -> DoneToken {
+    /// Spawns `f` in `scope` as one of these workers.
+    pub(crate) fn spawn<'scope, T: Send + 'scope>(
+        &self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        f: impl FnOnce() -> T + Send + 'scope,
+    ) -> std::thread::ScopedJoinHandle<'scope, T> {
+        let done = self.token();
+        scope.spawn(move || {
+            let _done = done;
+            f()
+        })
+    }
+
+    fn token(&self) -> DoneToken {
         self.left.fetch_add(1, Ordering::AcqRel);
         DoneToken {
             left: self.left.clone(),
@@ -506,6 +514,7 @@ impl Drop for DoneToken {
     }
 }
 
+/// Calls `progress` every 200 ms until `finished`, and once at the end.
 pub(crate) fn watch(
     counters: &Counters,
     phase: Phase,
@@ -676,9 +685,7 @@ fn read_back(
     let mut pool = reader::Pool::new(cfg.pool_size, cfg.block_size, None);
     let workers = Workers::watched_here();
     std::thread::scope(|s| {
-        let done = workers.token();
-        let h = s.spawn(|| {
-            let _done = done;
+        let h = workers.spawn(s, || {
             // Nothing is written: every buffer goes straight back to the pool.
             reader::scan(dev, &cfg, &mut pool, counters, &mut |w| {
                 Ok(match w {

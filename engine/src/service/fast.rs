@@ -109,11 +109,7 @@ impl Service {
         };
         let workers = copy::Workers::watched_here();
         let outcome = std::thread::scope(|s| {
-            let done = workers.token();
-            let worker = s.spawn(|| {
-                let _done = done;
-                fast.transfer(&request, &mut observer)
-            });
+            let worker = workers.spawn(s, || fast.transfer(&request, &mut observer));
             let mut recorder = self.progress_recorder(op);
             let mut report = |p: &Progress| {
                 progress(p);
