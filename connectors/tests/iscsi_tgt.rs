@@ -267,10 +267,10 @@ fn iscsi_read_write_round_trip_and_libiscsi_cross_check() {
         "thick LUN has no allocation map"
     );
     // tgt declares MaxRecvDataSegmentLength=8192 by default: every data
-    // segment we send must respect it, although we accept 256 KiB.
+    // segment we send must respect it, although we accept 1 MiB.
     let n = dev.negotiated().clone();
     assert_eq!(n.target_max_recv_data_segment_length, 8192);
-    assert_eq!(n.initiator_max_recv_data_segment_length, 256 << 10);
+    assert_eq!(n.initiator_max_recv_data_segment_length, 1 << 20);
     assert_eq!(
         n.max_burst_length, 262_144,
         "tgt's smaller MaxBurstLength wins"
@@ -390,6 +390,42 @@ fn iscsi_read_write_round_trip_and_libiscsi_cross_check() {
         tgt.connections(1).is_empty(),
         "session still there after drop"
     );
+}
+
+/// The Data-In segments tgtd sends follow the MaxRecvDataSegmentLength we
+/// declare: volback's default (1 MiB, one segment per 1 MiB read when
+/// MaxBurstLength allows), or a spec's `max_recv_data_segment_length`.
+#[test]
+fn iscsi_data_in_segments_follow_what_we_declare() {
+    let mut tgt = Tgt::start();
+    let file = tgt.add_target(1, 16 * MIB, false);
+    tgt.set(1, "MaxBurstLength", "1048576");
+    let data = random_bytes(21, 4 * MIB as usize);
+    File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_all_at(&data, 0)
+        .unwrap();
+    let ranges: Vec<(u64, usize)> = (0..4).map(|i| (i * MIB, MIB as usize)).collect();
+    for (query, declared, expect_segment) in [
+        ("", 1 << 20, MIB),
+        ("?max_recv_data_segment_length=65536", 65536, 65536),
+    ] {
+        let spec: IscsiSpec = format!("{}{query}", tgt.url(1)).parse().unwrap();
+        let mut dev = IscsiDevice::open(&spec, false, 4).unwrap();
+        assert_eq!(
+            dev.negotiated().initiator_max_recv_data_segment_length,
+            declared
+        );
+        assert_eq!(dev.max_read_size(), Some(MIB), "{query}");
+        let back = read_all(&mut dev, &ranges);
+        for ((off, len), got) in ranges.iter().zip(&back) {
+            let want = &data[*off as usize..*off as usize + len];
+            assert!(got[..] == want[..], "{query}: data at {off}");
+        }
+        assert_eq!(dev.stats().max_data_in_segment, expect_segment, "{query}");
+    }
 }
 
 #[test]

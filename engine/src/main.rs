@@ -214,7 +214,9 @@ struct DemoArgs {
 #[derive(Args)]
 struct CopyArgs {
     /// Source: a file, a block device, `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]`
-    /// or `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN`.
+    /// or `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN[?QUERY]` (query keys:
+    /// target_user and target_password for mutual CHAP, initiator_name,
+    /// max_recv_data_segment_length).
     source: String,
     /// Destination, in the same forms; a path (or an RBD image) that does
     /// not exist is created, sparse, of the source's size.

@@ -59,6 +59,8 @@ pub struct IscsiStats {
     pub nop_replies: u64,
     /// Largest data segment sent (immediate data or Data-Out).
     pub max_data_out_segment: u64,
+    /// Largest Data-In segment received.
+    pub max_data_in_segment: u64,
     /// The target's declared MaxRecvDataSegmentLength.
     pub target_max_recv_data_segment_length: u64,
     /// Reads that took a newer read's buffer before their data arrived
@@ -126,6 +128,10 @@ impl IscsiDevice {
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
+        let mut options = options.clone();
+        if let Some(n) = spec.max_recv_data_segment_length {
+            options.max_recv_data_segment_length = n;
+        }
         let cfg = session::Config {
             spec: spec.clone(),
             options: options.clone(),
@@ -292,6 +298,7 @@ impl IscsiDevice {
             nop_pings: g(&s.nop_pings),
             nop_replies: g(&s.nop_replies),
             max_data_out_segment: g(&s.max_data_out_segment),
+            max_data_in_segment: g(&s.max_data_in_segment),
             target_max_recv_data_segment_length: g(&s.target_max_recv_data_segment_length),
             warm_buffer_swaps: g(&s.warm_buffer_swaps),
         }

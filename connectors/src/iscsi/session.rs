@@ -152,6 +152,7 @@ pub struct Stats {
     pub nop_pings: AtomicU64,
     pub nop_replies: AtomicU64,
     pub max_data_out_segment: AtomicU64,
+    pub max_data_in_segment: AtomicU64,
     pub target_max_recv_data_segment_length: AtomicU64,
     pub warm_buffer_swaps: AtomicU64,
 }
@@ -990,8 +991,8 @@ async fn reader_loop(
     st: &RefCell<St>,
     rd: &mut BufReader<ReadHalf<'_>>,
     notify: &Notify,
-    header_digest: bool,
-    data_digest: bool,
+    (header_digest, data_digest): (bool, bool),
+    max_segment: usize,
 ) -> Result<Outcome, IscsiError> {
     let mut scratch: Vec<u8> = Vec::with_capacity(1024);
     let mut dig = [0u8; 4];
@@ -1019,6 +1020,13 @@ async fn reader_loop(
         let op = bhs.opcode();
         let itt = bhs.itt();
         debug!(?bhs, "PDU in");
+        // What we declared bounds what we read (and what `scratch` grows to).
+        if dlen > max_segment {
+            return Err(IscsiError::Protocol(format!(
+                "a {dlen}-byte data segment (opcode {op:#04x}), over the \
+                 MaxRecvDataSegmentLength of {max_segment} we declared"
+            )));
+        }
         // Every target PDU carries ExpCmdSN and MaxCmdSN.
         {
             let mut s = st.borrow_mut();
@@ -1070,7 +1078,9 @@ async fn reader_loop(
                             return Err(IscsiError::Digest("data"));
                         }
                     }
-                    if let Some(t) = st.borrow_mut().slots[slot].as_mut() {
+                    let mut s = st.borrow_mut();
+                    bump_max(&s.stats.max_data_in_segment, dlen as u64);
+                    if let Some(t) = s.slots[slot].as_mut() {
                         t.received += dlen;
                     }
                     Some(slot)
@@ -1343,9 +1353,11 @@ async fn run_connection(
     rx: &mut UnboundedReceiver<Msg>,
 ) -> Result<Outcome, IscsiError> {
     let notify = Notify::new();
-    let (hd, dd) = {
+    let (hd, dd, max_segment) = {
         let s = st.borrow();
-        (s.neg.header_digest, s.neg.data_digest)
+        let n = &s.neg;
+        let max_segment = n.initiator_max_recv_data_segment_length as usize;
+        (n.header_digest, n.data_digest, max_segment)
     };
     let (rd, wr) = stream.split();
     // Small: a header read takes the start of the data segment with it,
@@ -1365,7 +1377,7 @@ async fn run_connection(
     tokio::select! {
         biased;
         r = intake_loop(st, rx, &notify) => r,
-        r = reader_loop(st, &mut rd, &notify, hd, dd) => r,
+        r = reader_loop(st, &mut rd, &notify, (hd, dd), max_segment) => r,
         r = writer_loop(st, w, &notify) => r,
         r = timer_loop(st, &notify) => r,
     }

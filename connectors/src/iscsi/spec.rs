@@ -6,7 +6,9 @@
 //! `@`, taken literally. Mutual CHAP (the target proves itself to us) takes
 //! the target's user and secret from the query:
 //! `?target_user=NAME&target_password=SECRET` (percent-encoded). The query
-//! may also set `initiator_name=IQN`. Secrets are held in [`Secret`], which
+//! may also set `initiator_name=IQN`, and `max_recv_data_segment_length=BYTES`
+//! (512 to 16777215): the largest data segment we declare we accept, in place
+//! of [`crate::iscsi::IscsiOptions`]'s. Secrets are held in [`Secret`], which
 //! never prints, and neither [`IscsiSpec::name`] nor `Display` shows them.
 
 use std::fmt;
@@ -17,6 +19,9 @@ use percent_encoding::percent_decode_str;
 
 const FORM: &str =
     "iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET_IQN/LUN[?target_user=..&target_password=..]";
+
+/// The largest MaxRecvDataSegmentLength RFC 7143 allows (2^24 - 1).
+pub const MAX_DATA_SEGMENT: u32 = (1 << 24) - 1;
 
 /// Default iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -98,6 +103,8 @@ pub struct IscsiSpec {
     pub mutual: Option<Chap>,
     /// Our initiator name.
     pub initiator_iqn: String,
+    /// The MaxRecvDataSegmentLength to declare, when the spec sets one.
+    pub max_recv_data_segment_length: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -174,6 +181,7 @@ impl IscsiSpec {
             chap,
             mutual,
             initiator_iqn: default_initiator_iqn(),
+            max_recv_data_segment_length: None,
         };
         spec.validate()?;
         Ok(spec)
@@ -258,7 +266,7 @@ impl FromStr for IscsiSpec {
                 _ => return err("empty CHAP user"),
             },
         };
-        let (mut tuser, mut tpass, mut initiator) = (None, None, None);
+        let (mut tuser, mut tpass, mut initiator, mut mrdsl) = (None, None, None, None);
         for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
@@ -266,6 +274,15 @@ impl FromStr for IscsiSpec {
                 "target_user" => tuser = Some(v),
                 "target_password" => tpass = Some(v),
                 "initiator_name" => initiator = Some(v),
+                "max_recv_data_segment_length" => match v.parse::<u32>() {
+                    Ok(n) if (512..=MAX_DATA_SEGMENT).contains(&n) => mrdsl = Some(n),
+                    _ => {
+                        return Err(SpecError(format!(
+                            "max_recv_data_segment_length {v:?} is not a number of bytes \
+                             from 512 to {MAX_DATA_SEGMENT}"
+                        )))
+                    }
+                },
                 _ => return Err(SpecError(format!("unknown query parameter {k:?}"))),
             }
         }
@@ -283,6 +300,7 @@ impl FromStr for IscsiSpec {
             chap,
             mutual,
             initiator_iqn: initiator.unwrap_or_else(default_initiator_iqn),
+            max_recv_data_segment_length: mrdsl,
         };
         spec.validate()?;
         Ok(spec)
@@ -304,6 +322,7 @@ mod tests {
         assert_eq!(s.lun, 1);
         assert!(s.chap.is_none() && s.mutual.is_none());
         assert!(s.initiator_iqn.starts_with("iqn.2026-01.io.volback:"));
+        assert_eq!(s.max_recv_data_segment_length, None);
 
         let s: IscsiSpec = "iscsi://bob%p@ss%w0rd@[::1]:3261/iqn.x:y/0?target_user=tgt&target_password=a%26b&initiator_name=iqn.z:me"
             .parse()
@@ -318,6 +337,20 @@ mod tests {
         assert_eq!(m.user, "tgt");
         assert_eq!(m.secret.expose(), "a&b");
         assert_eq!(s.initiator_iqn, "iqn.z:me");
+
+        let s: IscsiSpec = "iscsi://h/iqn.x:y/1?max_recv_data_segment_length=262144"
+            .parse()
+            .unwrap();
+        assert_eq!(s.max_recv_data_segment_length, Some(262_144));
+        for bad in ["511", "16777216", "1M", ""] {
+            let e = format!("iscsi://h/iqn.x:y/1?max_recv_data_segment_length={bad}")
+                .parse::<IscsiSpec>()
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("max_recv_data_segment_length"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
