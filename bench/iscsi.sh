@@ -107,6 +107,13 @@
 #                    about 2,500 or 1,800 MB/s) where iscsi-perf's 5 s
 #                    averaged over both. Each pass pays volback's start
 #                    (pipeline fill) again; iscsi-perf's start counts once.
+#   READ_SEGMENT_REF=262144  case read: also time volback with
+#                    `?max_recv_data_segment_length=N` on its URL, a reference
+#                    row (same passes, rotated with the others). volback
+#                    declares 1 MiB by default and libiscsi 256 KiB, so tgtd
+#                    sends volback one Data-In PDU per 1 MiB read and
+#                    iscsi-perf four; the reference row shows volback with
+#                    libiscsi's segments. 0: no reference row
 #   READ_CHECKSUM=0  case read: 0 (default): timed volback reads are pure reads
 #                    (`--no-checksum`, like iscsi-perf; the data is checked by
 #                    the warm-up read's checksum); 1: every timed read hashes
@@ -159,6 +166,7 @@ IPERF_SECONDS=${IPERF_SECONDS:-5}
 WARM=${WARM:-1}
 READ_CHECKSUM=${READ_CHECKSUM:-0}
 READ_PASSES=${READ_PASSES:-10}
+READ_SEGMENT_REF=${READ_SEGMENT_REF:-262144}
 TGT_PARAMS=${TGT_PARAMS-MaxRecvDataSegmentLength=262144 MaxXmitDataSegmentLength=262144 MaxBurstLength=1048576 FirstBurstLength=262144}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/volback-bench-iscsi}
 KEEP=${KEEP:-0}
@@ -179,6 +187,9 @@ ORIG_CMD="$(printf '%q ' "$0" "$@")"
 [[ $QD =~ ^[1-9][0-9]*$ ]] || die "QD must be a positive integer"
 [[ $IPERF_SECONDS =~ ^[1-9][0-9]*$ ]] || die "IPERF_SECONDS must be a positive integer"
 [[ $READ_PASSES =~ ^[1-9][0-9]*$ ]] || die "READ_PASSES must be a positive integer"
+[[ $READ_SEGMENT_REF =~ ^[0-9]+$ ]] && (( READ_SEGMENT_REF == 0 ||
+    (READ_SEGMENT_REF >= 512 && READ_SEGMENT_REF < 16777216) )) ||
+    die "READ_SEGMENT_REF must be 0 or a segment length from 512 to 16777215 bytes"
 [[ $WARM == 0 || $WARM == 1 ]] || die "WARM must be 0 or 1"
 DO_READ=0 DO_COPY=0 DO_WRITE=0
 for c in $CASES; do
@@ -459,14 +470,16 @@ read_run() { # read_run RUN TOOL
     local run=$1 tool=$2 status=OK secs=0 rate=0 gib=0 rd el sum avg
     drop_caches
     warm_lun
-    if [[ $tool == volback ]]; then
+    if [[ $tool == volback* ]]; then
+        local url=$URL1
+        [[ $tool == volback-ref ]] && url="$URL1?max_recv_data_segment_length=$READ_SEGMENT_REF"
         local sum_args=(--no-checksum) want_sum=-
         if (( READ_CHECKSUM )); then sum_args=(); want_sum=$REF_SUM; fi
         # READ_PASSES passes, one process each; the rate is all bytes over
         # all elapsed_s, CPU and tgtd's figures the sums (see READ_PASSES).
         local pass bytes=0 elapsed=0 cpu=0 tcpu=0 tbytes=0
         for (( pass = 1; pass <= READ_PASSES; pass++ )); do
-            measure "$VOLBACK" read "$URL1" --block-size "$BLOCK_BYTES" --queue-depth "$QD" \
+            measure "$VOLBACK" read "$url" --block-size "$BLOCK_BYTES" --queue-depth "$QD" \
                 --sparse never --progress json "${sum_args[@]}"
             if (( RC )); then
                 status=FAIL; fail "read run $run pass $pass: volback read exited with status $RC:"; show_log
@@ -578,9 +591,11 @@ log "tgt $(dpkg-query -W -f '${Version}' tgt), libiscsi $(dpkg-query -W -f '${Ve
 log "LUN block size $LUN_BS bytes: iscsi-perf -b $IPERF_BLOCKS = $BLOCK_BYTES bytes per request"
 log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (others' work skews the times)"
 for (( run = 1; run <= RUNS; run++ )); do
-    ROT=$(( (run - 1) % 2 ))
+    ROT=$(( run - 1 ))
     if (( DO_READ )); then
-        rotate volback iscsi-perf
+        READ_TOOLS=(volback iscsi-perf)
+        (( READ_SEGMENT_REF )) && READ_TOOLS+=(volback-ref)
+        rotate "${READ_TOOLS[@]}"
         for tool in "${ORDER[@]}"; do read_run "$run" "$tool"; done
     fi
     if (( DO_COPY )); then
@@ -599,11 +614,11 @@ rm -f -- "$DST_FILE"
 
 echo
 log "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$RESULTS" "$SIZE_BYTES" "$BLOCK_BYTES" "$QD" "$IPERF_SECONDS" "$WARM" "$TARGET_SETTINGS" "$READ_CHECKSUM" "$READ_PASSES" <<'EOF'
+python3 - "$RESULTS" "$SIZE_BYTES" "$BLOCK_BYTES" "$QD" "$IPERF_SECONDS" "$WARM" "$TARGET_SETTINGS" "$READ_CHECKSUM" "$READ_PASSES" "$READ_SEGMENT_REF" <<'EOF'
 import statistics, sys
 from collections import defaultdict
 
-path, size, block, qd, secs_iperf, warm, settings, read_checksum, passes = sys.argv[1:]
+path, size, block, qd, secs_iperf, warm, settings, read_checksum, passes, seg_ref = sys.argv[1:]
 size, block = int(size), int(block)
 rows, order = defaultdict(list), []
 for line in open(path):
@@ -627,6 +642,7 @@ def fmt(x, spec):
 
 PEER = {"read": "iscsi-perf", "copy": "qemu-img", "write": "qemu-img"}
 NAME = {("read", "volback"): "volback read", ("read", "iscsi-perf"): "iscsi-perf",
+        ("read", "volback-ref"): f"volback {int(seg_ref) // 1024}K seg",
         ("copy", "volback"): "volback copy", ("copy", "qemu-img"): "qemu-img convert",
         ("write", "volback"): "volback copy", ("write", "qemu-img"): "qemu-img convert"}
 nruns = max((len(v) for v in rows.values()), default=0)
@@ -661,13 +677,15 @@ for key in order:
     peer = (case, PEER[case])
     lines = []
     vs = cvs = "-"
-    if tool == "volback":
+    if tool.startswith("volback"):
         prate = med(peer, lambda r: r["rate"])
         pcpu = med(peer, lambda r: r["cpu"] / r["gib"] if r["gib"] else None)
         rr = rate / prate if prate else None
         cr = cpu / pcpu if (pcpu and cpu is not None) else None
         vs, cvs = fmt(rr, ".2f") + ("x" if rr else ""), fmt(cr, ".2f") + ("x" if cr else "")
-        if case == "read":
+        if tool == "volback-ref":
+            lines.append((f"reference: {int(seg_ref) // 1024} KiB Data-In", ""))
+        elif case == "read":
             lines.append((f"MB/s >= 1.0x iscsi-perf", "-" if rr is None else ("PASS" if rr >= 1.0 else "MISS")))
             lines.append((f"CPU/GiB <= 1.5x iscsi-perf", "-" if cr is None else ("PASS" if cr <= 1.5 else "MISS")))
         else:
@@ -700,7 +718,7 @@ else:
 EOF
 
 echo
-echo "reproduce: SIZE=$SIZE RUNS=$RUNS CASES='$CASES' BLOCK=$BLOCK QD=$QD IPERF_SECONDS=$IPERF_SECONDS READ_PASSES=$READ_PASSES READ_CHECKSUM=$READ_CHECKSUM" \
+echo "reproduce: SIZE=$SIZE RUNS=$RUNS CASES='$CASES' BLOCK=$BLOCK QD=$QD IPERF_SECONDS=$IPERF_SECONDS READ_PASSES=$READ_PASSES READ_SEGMENT_REF=$READ_SEGMENT_REF READ_CHECKSUM=$READ_CHECKSUM" \
     "WARM=$WARM TGT_PARAMS='$TGT_PARAMS' TGTD_ENV='$TGTD_ENV' VOLBACK_COPY_ARGS='${VOLBACK_COPY_ARGS:-}' BENCH_DIR=$BENCH_DIR" \
     "${TGT_PORT:+TGT_PORT=$TGT_PORT }VOLBACK=$VOLBACK bash $ORIG_CMD"
 
