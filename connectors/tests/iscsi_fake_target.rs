@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use volback_connectors::iscsi::{iscsi_cause, IscsiDevice, IscsiError, IscsiOptions, IscsiSpec};
-use volback_connectors::{AlignedBuf, BlockDevice, DeviceError, IoOp, Returned};
+use volback_connectors::{AlignedBuf, BlockDevice, DeviceError, ErrorKind, IoOp, Returned};
 
 const TARGET_IQN: &str = "iqn.2026-01.test.volback:fake";
 /// The MaxRecvDataSegmentLength the tests make the initiator declare.
@@ -514,14 +514,16 @@ fn over_long_data_in_segment_fails_open() {
     assert!(shown.contains(&want), "{shown}");
     // The connection failed on the over-long segment; the session logged
     // in again and reissued the INQUIRY, which failed the same way, and
-    // with its one reissue used up the command failed as "unreachable",
-    // carrying the last connection error's text.
+    // with its one reissue used up the command failed, carrying the last
+    // connection error's text. The target answered every login, so this
+    // is an open that failed, not a device that vanished.
     match iscsi_cause(&e) {
-        Some(IscsiError::Unreachable { attempts: 1, last }) => {
+        Some(IscsiError::CommandKeptFailing { tries: 2, last }) => {
             assert!(last.contains(&want), "{last}")
         }
         other => panic!("unexpected cause {other:?} of {shown}"),
     }
+    assert_eq!(e.kind, ErrorKind::Open, "{shown}");
     assert_eq!(target.finish(), 2, "the first connection and one reconnect");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 }

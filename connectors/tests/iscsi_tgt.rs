@@ -607,13 +607,21 @@ fn iscsi_connection_dropped_mid_transfer_is_invisible() {
     // And during reads.
     let ranges: Vec<(u64, usize)> = chunks.iter().map(|(o, d)| (*o, d.len())).collect();
     submit_reads(&mut dev, &ranges);
-    std::thread::sleep(Duration::from_millis(20));
+    // Once the first read is back, the others are in flight: the session
+    // only reads from the socket while we wait in `reap` (or, after 10 ms
+    // away, its keeper does), and 94 MiB is far more than socket buffers
+    // hold, so the cut lands mid-transfer however fast the target is.
+    let mut done = Vec::new();
+    dev.reap(1, &mut done).unwrap();
+    assert!(done.len() < ranges.len(), "all reads were done at once");
     for (sid, cid) in tgt.connections(1) {
         let _ = tgt.try_adm(&[
             "--mode", "conn", "--op", "delete", "--tid", "1", "--sid", &sid, "--cid", &cid,
         ]);
     }
-    for c in reap_all(&mut dev) {
+    done.extend(reap_all(&mut dev));
+    assert_eq!(done.len(), ranges.len());
+    for c in done {
         let (off, data) = &chunks[c.tag as usize];
         assert_eq!(c.result.unwrap(), data.len() as u64);
         let Returned::Read(b) = c.buf else { panic!() };

@@ -55,8 +55,15 @@ pub enum IscsiError {
     #[error("timed out: {0}")]
     Timeout(String),
     /// Reconnecting failed every time: the target is gone.
-    #[error("the target is unreachable after {attempts} reconnect attempts: {last}")]
+    #[error("the target is unreachable after {attempts} reconnect attempt(s): {last}")]
     Unreachable { attempts: u32, last: String },
+    /// The target let us log in again each time, but this command's
+    /// connection failed on every try (a target that chokes on it, or
+    /// breaks the protocol answering it).
+    #[error(
+        "the command failed its connection {tries} time(s), reissued after each re-login: {last}"
+    )]
+    CommandKeptFailing { tries: u32, last: String },
     /// The session was closed.
     #[error("the iSCSI session is closed")]
     Closed,

@@ -515,8 +515,8 @@ impl St {
                 let t = self.slots[slot].as_mut().expect("live task");
                 t.tries += u32::from(sent);
                 if t.tries > max_tries {
-                    let e = IscsiError::Unreachable {
-                        attempts: max_tries,
+                    let e = IscsiError::CommandKeptFailing {
+                        tries: t.tries,
                         last: err.to_string(),
                     };
                     self.complete(slot, Err(e));
