@@ -27,6 +27,19 @@ fn iscsi_spec(spec: &str) -> Result<IscsiSpec, DeviceError> {
         .map_err(|e: SpecError| DeviceError::invalid("iscsi:// device", e.to_string()))
 }
 
+/// `spec` as output may show it: an `iscsi://` URL without its passwords
+/// (and its query), anything else as typed (RBD specs refuse inline keys).
+pub fn shown(spec: &str) -> String {
+    if spec.starts_with("iscsi://") {
+        match spec.parse::<IscsiSpec>() {
+            Ok(s) => s.name(),
+            Err(_) => "iscsi:// device".to_string(),
+        }
+    } else {
+        spec.to_string()
+    }
+}
+
 pub fn open_source(
     spec: &str,
     queue_depth: usize,
@@ -212,4 +225,20 @@ fn iscsi_connection_spec(conn: &volback_drivers::ConnectionInfo) -> Result<Iscsi
         account("mutual_user", "mutual_secret_file")?,
     )
     .map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn shown_specs_carry_no_secret() {
+        let url =
+            "iscsi://bob%hunter2@10.0.0.5:3261/iqn.x:y/1?target_user=t&target_password=sesame";
+        let s = shown(url);
+        assert_eq!(s, "iscsi://bob@10.0.0.5:3261/iqn.x:y/1");
+        assert!(!shown("iscsi://bob%hunter2@h/iqn.x:y/zz").contains("hunter2"));
+        assert_eq!(shown("/dev/loop3"), "/dev/loop3");
+        assert_eq!(shown("rbd:vol/img:id=admin"), "rbd:vol/img:id=admin");
+    }
 }

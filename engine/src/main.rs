@@ -723,7 +723,7 @@ fn run_read(args: ReadArgs) -> CmdResult {
         reporter.update(p)
     }) {
         Ok(report) => {
-            reporter.read_summary(&report, &args.source);
+            reporter.read_summary(&report, &devices::shown(&args.source));
             Ok(())
         }
         Err(e) => Err(fail(&mut reporter, e.to_string())),
@@ -755,7 +755,11 @@ fn run_copy(args: CopyArgs) -> CmdResult {
         reporter.update(p)
     }) {
         Ok(copied) => {
-            reporter.summary(&copied.report, &args.source, &args.destination);
+            let (from, to) = (
+                devices::shown(&args.source),
+                devices::shown(&args.destination),
+            );
+            reporter.summary(&copied.report, &from, &to);
             Ok(())
         }
         Err(e) => Err(fail(&mut reporter, e.to_string())),

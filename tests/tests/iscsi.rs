@@ -253,15 +253,25 @@ fn chap_password_in_url_right_and_wrong() {
         let r = volback_err(["copy", &tgt.url(&iqn, 1), &arg(&out), "--progress", "none"]);
         assert!(r.stderr.to_lowercase().contains("auth"), "{}", r.describe());
 
-        volback_ok([
-            "copy",
-            &url("s3cret-Passw0rd"),
-            &arg(&out),
-            "--verify",
-            "--progress",
-            "none",
-        ]);
-        assert_same(&lun, &out, SIZE);
+        // The summaries name the LUN without the password, as text and
+        // as JSON.
+        for progress in ["none", "json"] {
+            let r = volback_ok([
+                "copy",
+                &url("s3cret-Passw0rd"),
+                &arg(&out),
+                "--verify",
+                "--progress",
+                progress,
+            ]);
+            assert_same(&lun, &out, SIZE);
+            let r2 = volback_ok(["read", &url("s3cret-Passw0rd"), "--progress", progress]);
+            for r in [r, r2] {
+                let text = format!("{}{}", r.stdout, r.stderr);
+                assert!(text.contains(&format!("backup@{}", tgt.portal)), "{text}");
+                assert!(!text.contains("s3cret"), "the password leaked: {text}");
+            }
+        }
     });
 }
 
