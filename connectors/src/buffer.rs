@@ -45,7 +45,7 @@ impl AlignedBuf {
     pub fn new(len: usize) -> Self {
         let len = rounded(len);
         if len >= MAPPED_FROM {
-            if let Some(ptr) = map(len) {
+            if let Some(ptr) = map(len, true) {
                 return Self {
                     ptr,
                     len,
@@ -66,15 +66,17 @@ impl AlignedBuf {
     }
 
     /// `count` buffers of `len` bytes each (rounded up as by [`new`]).
-    /// Large ones are cut from one mapping, so that buffers smaller than a
-    /// huge page still get huge pages (two 1 MiB buffers share one). Each
-    /// owns its own range: dropping one unmaps only that.
+    /// Large ones are cut from one mapping on a huge-page boundary, so that
+    /// buffers smaller than a huge page still get huge pages (two 1 MiB
+    /// buffers share one) when `huge_pages` asks for them; without it,
+    /// [`AlignedBuf::advise_huge_pages`] can ask later, buffer by buffer.
+    /// Each owns its own range: dropping one unmaps only that.
     ///
     /// [`new`]: AlignedBuf::new
-    pub fn new_batch(len: usize, count: usize) -> Vec<Self> {
+    pub fn new_batch(len: usize, count: usize, huge_pages: bool) -> Vec<Self> {
         let len = rounded(len);
         let base = if len >= MAPPED_FROM && count > 1 {
-            len.checked_mul(count).and_then(map)
+            len.checked_mul(count).and_then(|n| map(n, huge_pages))
         } else {
             None
         };
@@ -89,6 +91,20 @@ impl AlignedBuf {
                 .collect(),
             None => (0..count).map(|_| Self::new(len)).collect(),
         }
+    }
+
+    /// Asks for huge pages for this buffer's memory not yet touched, if
+    /// it is a mapping made of whole huge pages (else nothing changes).
+    /// Whether it asked.
+    pub fn advise_huge_pages(&self) -> bool {
+        let start = self.ptr.as_ptr() as usize;
+        if !self.mapped || start % HUGE_PAGE != 0 || self.len % HUGE_PAGE != 0 {
+            return false;
+        }
+        // SAFETY: exactly this buffer's own range of its mapping; madvise
+        // is a hint that changes no content (a kernel without THP refuses
+        // it, and the pages stay small).
+        unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) == 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -169,9 +185,9 @@ fn rounded(len: usize) -> usize {
 }
 
 /// An anonymous private mapping of `len` bytes (a multiple of the page
-/// size), on a 2 MiB boundary with huge pages asked for when it is at least
-/// [`HUGE_PAGE`] long.
-fn map(len: usize) -> Option<NonNull<u8>> {
+/// size), on a 2 MiB boundary when it is at least [`HUGE_PAGE`] long, with
+/// huge pages asked for if `huge_pages`.
+fn map(len: usize, huge_pages: bool) -> Option<NonNull<u8>> {
     let huge = len >= HUGE_PAGE;
     // Over-map by one huge page so that an aligned start fits, then give
     // back the unaligned head and the tail.
@@ -211,7 +227,9 @@ fn map(len: usize) -> Option<NonNull<u8>> {
         if tail > 0 {
             libc::munmap(start.add(len).cast(), tail);
         }
-        libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE);
+        if huge_pages {
+            libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE);
+        }
         NonNull::new(start)
     }
 }
@@ -294,7 +312,7 @@ mod tests {
     #[test]
     fn batches_share_huge_pages_and_free_independently() {
         const MIB: usize = 1 << 20;
-        let mut bufs = AlignedBuf::new_batch(MIB, 6);
+        let mut bufs = AlignedBuf::new_batch(MIB, 6, true);
         assert_eq!(bufs.len(), 6);
         let base = bufs[0].as_ptr() as usize;
         assert_eq!(
@@ -330,9 +348,35 @@ mod tests {
         bufs[1].as_mut_slice().fill(9);
         assert!(bufs[1].as_slice().iter().all(|&x| x == 9));
         // Small or single buffers are made one by one, as by new().
-        let small = AlignedBuf::new_batch(5000, 3);
+        let small = AlignedBuf::new_batch(5000, 3, true);
         assert!(small.iter().all(|b| b.len() == 8192 && !b.mapped));
-        let single = AlignedBuf::new_batch(4 * MIB, 1);
+        let single = AlignedBuf::new_batch(4 * MIB, 1, true);
         assert_eq!(single[0].as_ptr() as usize % HUGE_PAGE, 0);
+    }
+
+    #[test]
+    fn batches_without_huge_pages_ask_buffer_by_buffer() {
+        const MIB: usize = 1 << 20;
+        let mut bufs = AlignedBuf::new_batch(4 * MIB, 4, false);
+        assert!(bufs[1].advise_huge_pages(), "whole huge pages, aligned");
+        for b in bufs.iter_mut() {
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice().fill(7);
+        }
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        for (i, b) in bufs.iter().enumerate() {
+            let huge = huge_kib_at(b.as_ptr() as usize);
+            if i != 1 {
+                assert_eq!(huge, 0, "buffer {i} did not ask for huge pages");
+            } else if !thp.contains("[never]") {
+                assert!(huge >= 2048, "buffer 1 asked, got {huge} KiB (THP: {thp})");
+            }
+            assert!(b.as_slice().iter().all(|&x| x == 7));
+        }
+        // Buffers that are not whole huge pages cannot ask alone.
+        let halves = AlignedBuf::new_batch(MIB, 2, false);
+        assert!(!halves[0].advise_huge_pages());
+        assert!(!AlignedBuf::new(8192).advise_huge_pages());
     }
 }

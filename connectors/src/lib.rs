@@ -14,7 +14,7 @@ pub mod local;
 pub mod loopinfo;
 pub mod rbd;
 
-pub use buffer::{is_zero, AlignedBuf, DiscardTarget};
+pub use buffer::{is_zero, AlignedBuf, DiscardTarget, HUGE_PAGE};
 pub use device::{AllocationMap, BlockDevice, Completion, Extent, IoOp, Returned, ZeroMode};
 pub use error::{DeviceError, ErrorKind};
 
