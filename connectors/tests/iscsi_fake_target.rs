@@ -518,9 +518,10 @@ fn over_long_data_in_segment_fails_open() {
     // connection error's text. The target answered every login, so this
     // is an open that failed, not a device that vanished.
     match iscsi_cause(&e) {
-        Some(IscsiError::CommandKeptFailing { tries: 2, last }) => {
-            assert!(last.contains(&want), "{last}")
-        }
+        Some(IscsiError::CommandKeptFailing { tries: 2, last }) => match &**last {
+            IscsiError::Protocol(m) => assert!(want.contains(m.as_str()), "{m}"),
+            other => panic!("the last failure is not typed as a protocol error: {other:?}"),
+        },
         other => panic!("unexpected cause {other:?} of {shown}"),
     }
     assert_eq!(e.kind, ErrorKind::Open, "{shown}");

@@ -1,6 +1,7 @@
 //! Typed iSCSI errors, and their mapping onto [`DeviceError`].
 
 use std::io;
+use std::sync::Arc;
 
 use super::scsi::{self, Sense};
 use super::text::NegotiationError;
@@ -54,16 +55,25 @@ pub enum IscsiError {
     Transport(#[from] io::Error),
     #[error("timed out: {0}")]
     Timeout(String),
-    /// Reconnecting failed every time: the target is gone.
+    /// Reconnecting failed every time: the target is gone. `last` is the
+    /// last attempt's error.
     #[error("the target is unreachable after {attempts} reconnect attempt(s): {last}")]
-    Unreachable { attempts: u32, last: String },
+    Unreachable {
+        attempts: u32,
+        #[source]
+        last: Arc<IscsiError>,
+    },
     /// The target let us log in again each time, but this command's
     /// connection failed on every try (a target that chokes on it, or
-    /// breaks the protocol answering it).
+    /// breaks the protocol answering it). `last` is how it failed last.
     #[error(
         "the command failed its connection {tries} time(s), reissued after each re-login: {last}"
     )]
-    CommandKeptFailing { tries: u32, last: String },
+    CommandKeptFailing {
+        tries: u32,
+        #[source]
+        last: Arc<IscsiError>,
+    },
     /// The session was closed.
     #[error("the iSCSI session is closed")]
     Closed,

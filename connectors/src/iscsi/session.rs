@@ -504,7 +504,7 @@ impl St {
 
     /// After a failed connection: every task not completed goes back in the
     /// queue, in arrival order, unless it was reissued too often already.
-    fn requeue_all(&mut self, err: &IscsiError) {
+    fn requeue_all(&mut self, err: &Arc<IscsiError>) {
         let max_tries = self.options.reconnect_attempts;
         let mut live: Vec<(u64, usize)> = Vec::new();
         for slot in 0..self.slots.len() {
@@ -517,7 +517,7 @@ impl St {
                 if t.tries > max_tries {
                     let e = IscsiError::CommandKeptFailing {
                         tries: t.tries,
-                        last: err.to_string(),
+                        last: err.clone(),
                     };
                     self.complete(slot, Err(e));
                 } else {
@@ -1484,6 +1484,7 @@ async fn run(
             if s.progress {
                 attempts = 0;
             }
+            let err = Arc::new(err);
             s.requeue_all(&err);
             err
         };
@@ -1514,12 +1515,12 @@ async fn run(
                 }
                 Err(e) if e.is_permanent() => {
                     warn!(device = %name, error = %e, "re-login refused");
-                    last = e;
+                    last = Arc::new(e);
                     break None;
                 }
                 Err(e) => {
                     warn!(device = %name, attempt = attempts, error = %e, "reconnect failed");
-                    last = e;
+                    last = Arc::new(e);
                 }
             }
         };
@@ -1532,14 +1533,14 @@ async fn run(
             None => {
                 let attempts_made = attempts.min(cfg.options.reconnect_attempts);
                 let mk = move || -> IscsiError {
-                    match &last {
+                    match &*last {
                         IscsiError::TargetNotFound(t) => IscsiError::TargetNotFound(t.clone()),
                         IscsiError::TargetRemoved(t) => IscsiError::TargetRemoved(t.clone()),
                         IscsiError::AuthenticationFailed => IscsiError::AuthenticationFailed,
                         IscsiError::AuthorizationFailed => IscsiError::AuthorizationFailed,
-                        e => IscsiError::Unreachable {
+                        _ => IscsiError::Unreachable {
                             attempts: attempts_made,
-                            last: e.to_string(),
+                            last: last.clone(),
                         },
                     }
                 };
