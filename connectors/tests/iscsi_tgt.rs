@@ -903,17 +903,25 @@ fn iscsi_tgt_guard_cleans_up_on_panic() {
         *r.unwrap_err().downcast::<(u32, PathBuf, u32)>().unwrap()
     };
     // A killed tgtd may linger as a zombie until init reaps it: what
-    // counts is that no live tgtd has our control port.
-    let alive = volback_tests::tgt::tgtd_pids(control);
-    assert!(alive.is_empty(), "tgtd {pid} still running: {alive:?}");
+    // counts is that ours is no longer a live tgtd.
+    assert!(
+        !volback_tests::tgt::tgtd_alive(pid, control),
+        "tgtd {pid} still running"
+    );
     assert!(!dir.exists());
-    assert!(!std::path::Path::new("/var/run/tgtd")
+    // Its control socket went with it, unless a parallel test has since
+    // started a tgtd on the same (then free) control port.
+    let socket_left = std::path::Path::new("/var/run/tgtd")
         .read_dir()
         .unwrap()
         .any(|e| {
             let n = e.unwrap().file_name();
             n.to_string_lossy().ends_with(&format!(".{control}"))
-        }));
+        });
+    assert!(
+        !socket_left || !volback_tests::tgt::tgtd_pids(control).is_empty(),
+        "tgtd {pid}'s control socket was left behind"
+    );
 }
 
 /// Sequential 1 MiB reads at queue depth 16 over a 1 GiB LUN, next to

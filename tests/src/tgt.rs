@@ -17,21 +17,23 @@ pub fn tgt_script() -> PathBuf {
 
 /// PIDs of live tgtd processes started with `-C control_port`.
 pub fn tgtd_pids(control_port: u32) -> Vec<u32> {
-    let want = format!("-C\0{control_port}\0");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.starts_with("tgtd\0") && cmd.contains(&want) {
-            out.push(pid);
-        }
-    }
-    out
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&pid| tgtd_alive(pid, control_port))
+        .collect()
+}
+
+/// Whether process `pid` is a live tgtd with control port `control_port`
+/// (a zombie has no command line, so it does not count).
+pub fn tgtd_alive(pid: u32, control_port: u32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmd = String::from_utf8_lossy(&cmd);
+    cmd.starts_with("tgtd\0") && cmd.contains(&format!("-C\0{control_port}\0"))
 }
 
 /// A running tgtd, stopped by PID on drop.
@@ -230,6 +232,11 @@ impl TgtDaemon {
 
 impl Drop for TgtDaemon {
     fn drop(&mut self) {
+        // By PID: once ours is gone, a parallel test may start another
+        // tgtd on the same (then free) ports.
+        let pid = std::fs::read_to_string(self.dir.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
         let out = Command::new("bash")
             .arg(tgt_script())
             .arg("stop")
@@ -243,12 +250,13 @@ impl Drop for TgtDaemon {
             ),
             Err(e) => eprintln!("warning: running tgt.sh stop: {e}"),
         }
-        let left = tgtd_pids(self.control_port);
-        if !left.is_empty() && !std::thread::panicking() {
-            panic!(
-                "tgtd with control port {} still running: {left:?}",
-                self.control_port
-            );
+        if let Some(pid) = pid {
+            if tgtd_alive(pid, self.control_port) && !std::thread::panicking() {
+                panic!(
+                    "tgtd {pid} (control port {}) still running",
+                    self.control_port
+                );
+            }
         }
     }
 }
