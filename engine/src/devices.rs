@@ -31,10 +31,7 @@ fn iscsi_spec(spec: &str) -> Result<IscsiSpec, DeviceError> {
 /// (and its query), anything else as typed (RBD specs refuse inline keys).
 pub fn shown(spec: &str) -> String {
     if spec.starts_with("iscsi://") {
-        match spec.parse::<IscsiSpec>() {
-            Ok(s) => s.name(),
-            Err(_) => "iscsi:// device".to_string(),
-        }
+        iscsi_spec(spec).map_or_else(|e| e.device, |s| s.name())
     } else {
         spec.to_string()
     }
